@@ -1,0 +1,1 @@
+"""The gateway: OpenAI-compatible API, auth, limits, streaming, admin and CLI."""

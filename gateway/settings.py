@@ -1,0 +1,79 @@
+"""Configuration: environment variables with prefix ``GATEWAY_`` or a ``.env`` file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_ID = "meta-llama/llama-3.2-11b-vision-instruct"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """All gateway settings. Built once at start-up and injected; never a module global."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_", env_file=".env", extra="ignore", populate_by_name=True
+    )
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    state_dir: Path = Field(default_factory=lambda: Path.home() / ".local/state/llama-gateway")
+
+    # The model
+    model_path: Path | None = None
+    model_id: str = DEFAULT_MODEL_ID
+    model_aliases: list[str] = Field(
+        default_factory=lambda: ["meta-llama/Llama-3.2-11B-Vision-Instruct"]
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_batch_size: int = 8
+    default_max_tokens: int = 512
+    # Upper bound for max_tokens when the client sends none and the context is smaller.
+    context_length: int | None = None
+
+    # Intake limits
+    max_body_bytes: int = 25 * 1024 * 1024
+    max_images_per_request: int = 1
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 50_000_000
+    max_messages: int = 256
+    image_fetch_timeout_s: float = 10.0
+    image_fetch_max_redirects: int = 3
+    # Hosts or CIDR networks that image URLs may reach even though they are private/loopback.
+    image_fetch_allow: list[str] = Field(default_factory=list)
+
+    # Redis, keys, policies (used by their own modules)
+    redis_url: str | None = None
+    admin_token: str | None = None
+    key_secret: str | None = None
+    bootstrap_key: str | None = None
+    policy_dir: Path = PROJECT_ROOT / "policies"
+    default_policy: str = "default"
+    prompt_guard_path: Path | None = None
+    llama_guard_path: Path | None = None
+
+    # Server behaviour
+    shutdown_grace_s: float = 30.0
+    log_level: str = "info"
+
+    @property
+    def demo_mode(self) -> bool:
+        return self.model_path is None
+
+    def served_model_ids(self) -> list[str]:
+        return [self.model_id]
+
+    def canonical_model_id(self, requested: str) -> str | None:
+        """The canonical id for a requested name or alias, or None when not served."""
+        wanted = requested.strip()
+        if wanted == self.model_id:
+            return self.model_id
+        if any(wanted == alias or wanted.lower() == alias.lower() for alias in self.model_aliases):
+            return self.model_id
+        if wanted.lower() == self.model_id.lower():
+            return self.model_id
+        return None

@@ -1,0 +1,1 @@
+"""Guards: input/output classifiers, policies and the Azure-style content-filter results."""

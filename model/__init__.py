@@ -1,0 +1,1 @@
+"""The model side: engine interface, the local Mllama engine, scheduler, demo model."""

@@ -1,0 +1,69 @@
+"""Rendering a conversation with the checkpoint's own chat template.
+
+Client text must never become control tokens: a user who writes `<|eot_id|><|start_header_id|>
+system<|end_header_id|>` would otherwise forge turns, and a literal `<|image|>` would make the
+processor look for an image that is not there. Special-token spellings in client text are
+broken with a WORD JOINER (U+2060) so they tokenize as plain text.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from PIL.Image import Image
+
+from model.engine import ChatTurn, ImagePart, TextPart
+
+WORD_JOINER = "\u2060"
+
+
+class PromptRenderer:
+    """Built once per processor: templated prompt text plus the images in order."""
+
+    def __init__(self, processor: Any) -> None:
+        self._processor = processor
+        tokenizer = getattr(processor, "tokenizer", processor)
+        specials = set(tokenizer.get_added_vocab()) | set(tokenizer.all_special_tokens)
+        specials = {s for s in specials if len(s) > 1}
+        self._special = (
+            re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
+            if specials
+            else None
+        )
+
+    def neutralize(self, text: str) -> str:
+        if self._special is None:
+            return text
+        return self._special.sub(lambda m: m.group(0)[0] + WORD_JOINER + m.group(0)[1:], text)
+
+    def messages(self, turns: tuple[ChatTurn, ...]) -> list[dict[str, Any]]:
+        """Chat-template messages: images become `{"type": "image"}` parts (<|image|>)."""
+        out: list[dict[str, Any]] = []
+        for turn in turns:
+            if not turn.images:
+                # Text-only turns as one string: the template trims the system message as a
+                # string (a list would be rendered as its Python repr). Parts join with "\n".
+                text = "\n".join(p.text for p in turn.parts if isinstance(p, TextPart))
+                out.append({"role": turn.role, "content": self.neutralize(text)})
+                continue
+            content: list[dict[str, str]] = []
+            for part in turn.parts:
+                if isinstance(part, TextPart):
+                    content.append({"type": "text", "text": self.neutralize(part.text)})
+                elif isinstance(part, ImagePart):
+                    content.append({"type": "image"})
+            out.append({"role": turn.role, "content": content})
+        return out
+
+    def render(self, turns: tuple[ChatTurn, ...]) -> tuple[str, list[Image]]:
+        """The templated prompt (ending with the assistant header) and its images in order."""
+        text = self._processor.apply_chat_template(
+            self.messages(turns), add_generation_prompt=True, tokenize=False
+        )
+        images = [img for turn in turns for img in turn.images]
+        return str(text), images
+
+
+def render_prompt(processor: Any, turns: tuple[ChatTurn, ...]) -> tuple[str, list[Image]]:
+    return PromptRenderer(processor).render(turns)

@@ -1,0 +1,225 @@
+"""Batching scheduler: one worker thread drives the model; the event loop only waits on queues.
+
+Requests that arrive while the model is busy queue up and run together in the next batch (up to
+`max_batch_size`), each streaming its own tokens. Image requests and text-only requests never
+share a batch: transformers applies Mllama's cross-attention row mask only after the MLP
+(huggingface/transformers#39379), so a text-only row batched with image rows would answer
+differently than alone. A cancelled request is dropped from its batch at the next step.
+
+The interface (`submit`, `start`, `stop`, `active_count`) is what a continuous-batching engine
+will keep when it replaces the inside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import structlog
+import torch
+from PIL.Image import Image
+
+from model.detokenizer import Decoder, IncrementalDetokenizer
+from model.engine import EngineEvent, EngineRequest, Finished, FinishReason, TextDelta
+from model.runner import MllamaRunner
+from model.sampling import TokenSampler
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's life in the scheduler."""
+
+    request: EngineRequest
+    prompt: str
+    images: list[Image]
+    emit: Callable[[EngineEvent], None]
+    sampler: TokenSampler
+    detok: IncrementalDetokenizer
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cancelled: bool = False
+    done: bool = False
+    finish_reason: FinishReason | None = field(default=None)
+
+    @property
+    def has_images(self) -> bool:
+        return bool(self.images)
+
+    def finish(self, reason: FinishReason, error: str | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.finish_reason = reason
+        if reason in ("stop", "length"):
+            tail = self.detok.flush()
+            if tail:
+                self.emit(TextDelta(tail))
+        self.emit(Finished(reason, self.prompt_tokens, self.completion_tokens, error))
+
+
+def queue_emitter(
+    loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[EngineEvent]
+) -> Callable[[EngineEvent], None]:
+    """An emit function safe to call from the worker thread."""
+
+    def emit(event: EngineEvent) -> None:
+        # A closed loop means nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    return emit
+
+
+class BatchScheduler:
+    def __init__(
+        self,
+        runner: MllamaRunner,
+        decoder: Decoder,
+        eos_token_ids: Iterable[int],
+        max_batch_size: int,
+    ) -> None:
+        self._runner = runner
+        self._decoder = decoder
+        self._eos = frozenset(eos_token_ids)
+        self._max_batch = max(1, max_batch_size)
+        self._pending: deque[Sequence] = deque()
+        self._active: list[Sequence] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.batches_run = 0
+        self.last_batch_size = 0
+
+    # -- interface -----------------------------------------------------------------------
+    def new_sequence(
+        self, request: EngineRequest, prompt: str, images: list[Image], emit: Callable[..., None]
+    ) -> Sequence:
+        return Sequence(
+            request=request,
+            prompt=prompt,
+            images=images,
+            emit=emit,
+            sampler=TokenSampler(request.sampling, self._runner.vocab_size),
+            detok=IncrementalDetokenizer(self._decoder, request.sampling.stop),
+        )
+
+    def submit(self, seq: Sequence) -> None:
+        with self._cond:
+            if self._stopping:
+                seq.finish("error", "the engine is shutting down")
+                return
+            self._pending.append(seq)
+            self._cond.notify()
+
+    def cancel(self, seq: Sequence) -> None:
+        """Mark cancelled; the worker drops it before its next step (or before it starts)."""
+        seq.cancelled = True
+        with self._cond:
+            self._cond.notify()
+
+    @property
+    def active_count(self) -> int:
+        """Requests currently in a running batch."""
+        return sum(1 for s in self._active if not s.done)
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="mllama-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            for seq in list(self._pending) + self._active:
+                seq.cancelled = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- worker --------------------------------------------------------------------------
+    def _take_batch(self) -> list[Sequence] | None:
+        with self._cond:
+            while True:
+                for seq in [s for s in self._pending if s.cancelled]:
+                    self._pending.remove(seq)
+                    seq.finish("cancelled")
+                if self._stopping:
+                    return None
+                if self._pending:
+                    break
+                self._cond.wait()
+            # FIFO by kind: the oldest request decides whether this is an image batch.
+            kind = self._pending[0].has_images
+            batch = [s for s in self._pending if s.has_images == kind][: self._max_batch]
+            for seq in batch:
+                self._pending.remove(seq)
+            self._active = batch
+            self.last_batch_size = len(batch)
+            return batch
+
+    def _work(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            try:
+                self._run(batch)
+            except Exception as exc:  # the model failed: fail these requests, keep serving
+                log.exception("batch_failed", size=len(batch))
+                for seq in batch:
+                    seq.finish("error", f"{type(exc).__name__}: {exc}")
+            finally:
+                self._active = []
+                self.batches_run += 1
+        with self._cond:
+            for seq in list(self._pending):
+                seq.finish("cancelled")
+            self._pending.clear()
+
+    def _run(self, batch: list[Sequence]) -> None:
+        logits, state = self._runner.prefill([s.prompt for s in batch], [s.images for s in batch])
+        for seq, n in zip(batch, state.prompt_tokens, strict=True):
+            seq.prompt_tokens = n
+        active = batch
+        while active:
+            keep: list[int] = []
+            tokens: list[int] = []
+            for row, seq in enumerate(active):
+                token = self._step(seq, logits[row])
+                if token is not None:
+                    keep.append(row)
+                    tokens.append(token)
+            if not keep:
+                return
+            if len(keep) < len(active):
+                self._runner.keep(state, keep)
+                active = [active[i] for i in keep]
+            logits = self._runner.decode(state, tokens)
+
+    def _step(self, seq: Sequence, logits: torch.Tensor) -> int | None:
+        """Sample one token for `seq`; return it if the sequence goes on, else None."""
+        if seq.cancelled:
+            seq.finish("cancelled")
+            return None
+        token = seq.sampler.sample(logits)
+        seq.completion_tokens += 1
+        seq.sampler.observe(token)
+        if token in self._eos:
+            seq.finish("stop")
+            return None
+        delta = seq.detok.add(token)
+        if delta:
+            seq.emit(TextDelta(delta))
+        if seq.detok.stopped:
+            seq.finish("stop")
+            return None
+        if seq.completion_tokens >= seq.request.sampling.max_tokens:
+            seq.finish("length")
+            return None
+        return token
