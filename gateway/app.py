@@ -16,7 +16,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.chat import ChatService
-from gateway.errors import GatewayError, InvalidRequest, NotFound, RequestTooLarge
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+    RequestTooLarge,
+)
 from gateway.images import ImageLimits, ImageLoader
 from gateway.logging import configure_logging
 from gateway.metrics import GatewayMetrics
@@ -124,6 +130,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def _install_routes(app: FastAPI, settings: Settings) -> None:
+    created = int(time.time())
+
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:
         body = await read_body(request, settings.max_body_bytes)
@@ -139,16 +147,15 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [_model_card(m) for m in settings.served_model_ids()]}
+        cards = [_model_card(m, created) for m in settings.served_model_ids()]
+        return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> dict[str, Any]:
         canonical = settings.canonical_model_id(model_id)
         if canonical is None:
-            from gateway.errors import ModelNotFound
-
             raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
-        return _model_card(canonical)
+        return _model_card(canonical, created)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -172,8 +179,5 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-_STARTED = int(time.time())
-
-
-def _model_card(model_id: str) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": _STARTED, "owned_by": "llama-gateway"}
+def _model_card(model_id: str, created: int) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "llama-gateway"}

@@ -61,8 +61,22 @@ def test_serve_with_nothing_configured_runs_the_demo(tmp_path: Path) -> None:
         assert resp.status_code == 200, resp.text
         assert resp.json()["choices"][0]["message"]["role"] == "assistant"
         assert (tmp_path / "state" / "demo-model" / ".demo-model-complete").exists()
+        # Graceful shutdown: a stream that is running when SIGTERM arrives still finishes.
+        long = {**body, "max_tokens": 300, "stream": True, "temperature": 0}
+        events = []
+        with httpx.stream("POST", base + "/v1/chat/completions", json=long, timeout=60) as stream:
+            lines = stream.iter_lines()
+            for line in lines:
+                if line:
+                    events.append(line)
+                    break
+            proc.send_signal(signal.SIGTERM)
+            events.extend(line for line in lines if line)
+        assert events[-1] == "data: [DONE]"
+        assert any('"finish_reason":"' in e for e in events)
     finally:
-        proc.send_signal(signal.SIGTERM)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=60)[0]
     # uvicorn re-raises SIGTERM after its graceful shutdown completes.
     assert proc.returncode in (0, -signal.SIGTERM), output

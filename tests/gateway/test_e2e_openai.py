@@ -220,3 +220,51 @@ def test_request_id_is_echoed(live_gateway) -> None:  # type: ignore[no-untyped-
     assert resp.headers["x-request-id"] == "abc-123"
     fresh = httpx.get(live_gateway.base_url + "/healthz")
     assert fresh.headers["x-request-id"].startswith("req_")
+
+
+def test_client_disconnect_frees_the_engine(live_gateway) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    engine = live_gateway.server.config.app.state.engine
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Go on and on"}],
+        "max_tokens": 1500,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST", live_gateway.base_url + "/v1/chat/completions", json=body, timeout=60
+    ) as resp:
+        for line in resp.iter_lines():
+            if '"content":"' in line and '"content":""' not in line:
+                break
+        assert engine.scheduler.active_count == 1
+    # The client has gone: the request leaves the batch at the next step.
+    deadline = time.monotonic() + 10
+    while engine.scheduler.active_count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.scheduler.active_count == 0
+
+
+def test_event_loop_answers_while_the_model_works(live_gateway) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Long answer please"}],
+        "max_tokens": 400,
+    }
+    worker = threading.Thread(
+        target=lambda: httpx.post(
+            live_gateway.base_url + "/v1/chat/completions", json=body, timeout=120
+        )
+    )
+    worker.start()
+    engine = live_gateway.server.config.app.state.engine
+    while engine.scheduler.active_count == 0 and worker.is_alive():
+        pass
+    # Model work runs in the scheduler's thread: health checks are answered meanwhile.
+    assert engine.scheduler.active_count == 1
+    assert httpx.get(live_gateway.base_url + "/healthz", timeout=5).status_code == 200
+    assert engine.scheduler.active_count == 1  # still generating when the answer came
+    worker.join()
