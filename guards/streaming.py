@@ -1,0 +1,103 @@
+"""Streaming moderation: text reaches the client only after the output guards passed it.
+
+The moderator holds generated text back until a natural boundary (end of a sentence or line) or
+until the held text reaches the policy's window, then checks the whole answer so far (so the
+guards judge each piece with its context) and releases what passed. A violation ends the
+stream; what was held back is never sent. At the end of generation everything still held is
+checked once more before it is released.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+# Characters after which a check is natural: the end of a sentence, clause or line.
+BOUNDARY_CHARS = frozenset(".!?;:\n。！？")
+
+R = TypeVar("R")
+
+
+@dataclass
+class ModerationStep(Generic[R]):
+    """What the stream may do after a feed: send `release`, or stop when `blocked`."""
+
+    release: str = ""
+    blocked: bool = False
+    result: R | None = None
+
+
+@dataclass
+class StreamModerator(Generic[R]):
+    """One per streamed choice.
+
+    `check(text)` judges the whole answer so far and returns a result; `is_blocked(result)`
+    says whether it violates the policy. `window` bounds how many characters may be held back
+    before a check is forced (at least 1).
+    """
+
+    check: Callable[[str], Awaitable[R]]
+    is_blocked: Callable[[R], bool]
+    window: int = 200
+    released: str = ""
+    held: str = ""
+    last_result: R | None = None
+    checks: int = 0
+    blocked: bool = False
+    _boundary_chars: frozenset[str] = field(default=BOUNDARY_CHARS, repr=False)
+
+    async def feed(self, text: str) -> ModerationStep[R]:
+        """Add generated text; returns what may be released now (possibly nothing)."""
+        if self.blocked:
+            return ModerationStep(blocked=True, result=self.last_result)
+        self.held += text
+        if not self._due():
+            return ModerationStep(result=self.last_result)
+        return await self._check_and_release()
+
+    async def finish(self) -> ModerationStep[R]:
+        """At the end of generation: check and release whatever is still held."""
+        if self.blocked:
+            return ModerationStep(blocked=True, result=self.last_result)
+        if not self.held and self.last_result is not None:
+            return ModerationStep(result=self.last_result)
+        return await self._check_and_release(final=True)
+
+    def _due(self) -> bool:
+        if len(self.held) >= max(1, self.window):
+            return True
+        # A boundary inside the new text: check up to there (the rest waits for the next one).
+        return any(ch in self._boundary_chars for ch in self.held)
+
+    async def _check_and_release(self, *, final: bool = False) -> ModerationStep[R]:
+        candidate = self.released + self.held
+        result = await self.check(candidate)
+        self.checks += 1
+        self.last_result = result
+        if self.is_blocked(result):
+            self.blocked = True
+            self.held = ""
+            return ModerationStep(blocked=True, result=result)
+        # Release up to the last boundary or space: a word cut in half stays held, so that a
+        # term split across two checks is never half-sent before the check that sees it whole.
+        cut = len(self.held) if final else self._release_point(self.held)
+        out, self.held = self.held[:cut], self.held[cut:]
+        self.released += out
+        return ModerationStep(release=out, result=result)
+
+    def _release_point(self, text: str) -> int:
+        for i in range(len(text) - 1, -1, -1):
+            if text[i] in self._boundary_chars or text[i].isspace():
+                return i + 1
+        # No boundary at all within a full window: release it (the window bounds the hold).
+        return len(text) if len(text) >= max(1, self.window) else 0
+
+
+def moderation_summary(moderator: StreamModerator[Any]) -> dict[str, Any]:
+    """Numbers for logs and metrics (no text)."""
+    return {
+        "checks": moderator.checks,
+        "released_chars": len(moderator.released),
+        "blocked": moderator.blocked,
+    }
