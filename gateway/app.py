@@ -2,31 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import structlog
 import transformers
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway import admin
+from gateway.auth import AuthService, ensure_demo_key, register_bootstrap_key
 from gateway.chat import ChatService
-from gateway.errors import (
-    GatewayError,
-    InvalidRequest,
-    ModelNotFound,
-    NotFound,
-    RequestTooLarge,
-)
+from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.images import ImageLimits, ImageLoader
+from gateway.keys import KeyStore
 from gateway.logging import configure_logging
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestContextMiddleware
+from gateway.ratelimit import RateLimiter
+from gateway.redis_conn import RedisConnection, RedisMetrics
+from gateway.routes import router
 from gateway.settings import Settings
 from model.engine import Engine
 
@@ -56,6 +58,19 @@ def error_response(exc: GatewayError) -> JSONResponse:
     return JSONResponse(exc.envelope(), status_code=exc.status_code, headers=exc.headers)
 
 
+def demo_banner(settings: Settings, key: str) -> str:
+    base = f"http://{settings.host}:{settings.port}"
+    return (
+        "\nDemo mode: a tiny random Llama 3.2-Vision-architecture model (it answers gibberish "
+        "by design, through the real code path).\n"
+        f"API key: {key}\n"
+        f"Try:\n  curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
+        f"-H 'Authorization: Bearer {key}' "
+        f'-d \'{{"model": "{settings.model_id}", "messages": '
+        '[{"role": "user", "content": "Hello!"}], "max_tokens": 32}\'\n'
+    )
+
+
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     settings = settings or Settings()
     configure_logging(settings.log_level)
@@ -63,6 +78,20 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = app.state
+        state.background = set()
+        redis_conn = await RedisConnection.open(settings)
+        redis_metrics = RedisMetrics(metrics.registry)
+        key_store = KeyStore.from_settings(settings, redis_conn.client, metrics=redis_metrics)
+        state.redis, state.key_store = redis_conn, key_store
+        state.auth = AuthService.from_settings(key_store, settings)
+        state.limiter = RateLimiter.from_settings(
+            settings, redis_conn.client, metrics=redis_metrics
+        )
+        # In the background: the gateway starts (and readyz reports Redis) while Redis is down.
+        bootstrap = asyncio.create_task(
+            register_bootstrap_key(key_store, settings, retry_interval_s=1.0)
+        )
         served = engine or build_engine(settings)
         await served.start()
         images = ImageLoader(ImageLimits.from_settings(settings))
@@ -72,20 +101,31 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                 f"{settings.model_id}|{served.info.dtype}|{transformers.__version__}".encode()
             ).hexdigest()[:10]
         )
-        app.state.engine = served
-        app.state.chat = ChatService(settings, served, images, metrics, fingerprint)
+        state.engine = served
+        state.chat = ChatService(settings, served, images, metrics, fingerprint)
+        if settings.demo_mode and not settings.bootstrap_key:
+            demo_key = await ensure_demo_key(key_store, settings)
+            print(demo_banner(settings, demo_key), file=sys.stderr)
         try:
             yield
         finally:
+            bootstrap.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await bootstrap
             await served.stop()
             await images.aclose()
+            if state.background:
+                await asyncio.wait(state.background, timeout=2)
+            await redis_conn.close()
 
     app = FastAPI(title="Llama 3.2-Vision safety gateway", lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.started = int(time.time())
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     _install_error_handlers(app)
-    _install_routes(app, settings)
+    app.include_router(router)
+    app.include_router(admin.router)
     return app
 
 
@@ -112,72 +152,3 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled_error", error_type=type(exc).__name__)
         return error_response(GatewayError("The server had an error processing your request."))
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """Read the body with a cap: 413 before reading when Content-Length says too much."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestTooLarge(f"Request body too large: {declared} bytes (limit {limit}).")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestTooLarge(f"Request body too large (limit {limit} bytes).")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _install_routes(app: FastAPI, settings: Settings) -> None:
-    created = int(time.time())
-
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(request: Request) -> Response:
-        body = await read_body(request, settings.max_body_bytes)
-        chat_service: ChatService = request.app.state.chat
-        chat = await chat_service.prepare(body)
-        if chat.request.stream:
-            return StreamingResponse(
-                chat_service.stream(chat),
-                media_type="text/event-stream",
-                headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-            )
-        return JSONResponse(await chat_service.complete(chat))
-
-    @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
-        cards = [_model_card(m, created) for m in settings.served_model_ids()]
-        return {"object": "list", "data": cards}
-
-    @app.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str) -> dict[str, Any]:
-        canonical = settings.canonical_model_id(model_id)
-        if canonical is None:
-            raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
-        return _model_card(canonical, created)
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/readyz", response_model=None)
-    async def readyz(request: Request) -> Response:
-        engine: Engine | None = getattr(request.app.state, "engine", None)
-        checks = {"engine": bool(engine is not None and engine.ready())}
-        if all(checks.values()):
-            return JSONResponse({"status": "ready", "checks": checks})
-        reasons = [f"{name} not ready" for name, ok in checks.items() if not ok]
-        return JSONResponse(
-            {"status": "not ready", "checks": checks, "reason": "; ".join(reasons)},
-            status_code=503,
-        )
-
-    @app.get("/metrics")
-    async def metrics_endpoint(request: Request) -> Response:
-        metrics: GatewayMetrics = request.app.state.metrics
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-
-def _model_card(model_id: str, created: int) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": created, "owned_by": "llama-gateway"}

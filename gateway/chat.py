@@ -44,6 +44,17 @@ class PreparedChat:
     prompt_tokens: int
     max_tokens: int
     started: float
+    # Completion tokens known so far (exact for finished choices, one per delta otherwise):
+    # what the rate limiter is settled with if the client leaves early.
+    completion_tokens: int = 0
+
+    @property
+    def reserved_completion_tokens(self) -> int:
+        return self.max_tokens * len(self.engine_requests)
+
+    @property
+    def used_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
 
 
 class EngineFailed(GatewayError):
@@ -75,7 +86,10 @@ class ChatService:
         self.system_fingerprint = system_fingerprint
 
     # -- intake ----------------------------------------------------------------------------
-    async def prepare(self, body: bytes) -> PreparedChat:
+    async def prepare(
+        self, body: bytes, authorize: Callable[[str], None] | None = None
+    ) -> PreparedChat:
+        """Validate, check the model (and the caller's right to it), load images, count tokens."""
         started = time.perf_counter()
         request, unknown = ChatCompletionRequest.parse(body)
         if unknown:
@@ -86,6 +100,8 @@ class ChatService:
                 f"The model '{request.model}' does not exist or you do not have access to it.",
                 param="model",
             )
+        if authorize is not None:
+            authorize(model_id)
         self._check_counts(request)
         if not self._engine.ready():
             raise ServiceUnavailable("The model engine is not ready yet; retry shortly.")
@@ -173,6 +189,7 @@ class ChatService:
                 }
             )
         prompt_tokens = outcomes[0][1].prompt_tokens
+        chat.prompt_tokens, chat.completion_tokens = prompt_tokens, completion_tokens
         self._count_tokens(prompt_tokens, completion_tokens)
         return {
             "id": chat.completion_id,
@@ -212,6 +229,7 @@ class ChatService:
         open_choices = len(tasks)
         prompt_tokens = chat.prompt_tokens
         completion_tokens = 0
+        deltas = [0] * len(tasks)
         try:
             # Each choice opens with the assistant role; the first chunk also carries
             # prompt_filter_results (never on a chunk with empty choices).
@@ -226,6 +244,8 @@ class ChatService:
                 if isinstance(event, BaseException):
                     raise event
                 if isinstance(event, TextDelta):
+                    deltas[index] += 1
+                    chat.completion_tokens += 1
                     if first_text:
                         self._metrics.time_to_first_token.observe(
                             time.perf_counter() - chat.started
@@ -238,6 +258,7 @@ class ChatService:
                 open_choices -= 1
                 prompt_tokens = finished.prompt_tokens
                 completion_tokens += finished.completion_tokens
+                chat.completion_tokens += finished.completion_tokens - deltas[index]
                 chunk = self._chunk(chat, index, {}, finished.reason)
                 yield sse(self._with_usage_field(chunk, include_usage))
             self._count_tokens(prompt_tokens, completion_tokens)

@@ -8,9 +8,11 @@ from typing import Annotated
 
 import typer
 
+from gateway.keys_cli import app as keys_app
 from gateway.settings import Settings
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+cli.add_typer(keys_app, name="keys", help="Manage API keys (same Redis as the server).")
 
 
 @cli.command()
@@ -30,8 +32,6 @@ def serve(
         overrides["port"] = port
     settings = Settings(**overrides)  # type: ignore[arg-type]
     app = create_app(settings)
-    if settings.demo_mode:
-        _print_demo_banner(settings)
     uvicorn.run(
         app,
         host=settings.host,
@@ -39,18 +39,6 @@ def serve(
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
-    )
-
-
-def _print_demo_banner(settings: Settings) -> None:
-    base = f"http://{settings.host}:{settings.port}"
-    typer.echo(
-        "Demo mode: a tiny random Llama 3.2-Vision-architecture model (it answers gibberish by "
-        "design, through the real code path).\n"
-        f"Try:\n  curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
-        f'-d \'{{"model": "{settings.model_id}", "messages": '
-        '[{"role": "user", "content": "Hello!"}], "max_tokens": 32}\'',
-        err=True,
     )
 
 

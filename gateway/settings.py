@@ -5,14 +5,37 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, PositiveFloat, PositiveInt
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_ID = "meta-llama/llama-3.2-11b-vision-instruct"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-class Settings(BaseSettings):
+class LimitsSettings(BaseSettings):
+    """Redis, API-key and rate-limit settings (a base of `Settings`; usable alone by tools)."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_file=".env", extra="ignore")
+
+    redis_failure_mode: Literal["closed", "open"] = "closed"
+    # Namespace for every Redis key the gateway writes (tests use a random one).
+    redis_key_prefix: str = "gw"
+    redis_connect_timeout_s: PositiveFloat = 0.1
+    redis_socket_timeout_s: PositiveFloat = 0.15
+    # Hard bound on one request-path Redis call, reconnect included (503 comes within it).
+    redis_deadline_s: PositiveFloat = 0.2
+    redis_max_connections: PositiveInt = 512
+    # Limits for new keys; None = unlimited (and that limit's headers are omitted).
+    default_rpm: PositiveInt | None = None
+    default_tpm: PositiveInt | None = None
+    default_max_concurrency: PositiveInt | None = None
+    # In-process key cache; <= 1 s keeps revocation visible on every replica within 2 s.
+    key_cache_ttl_s: float = Field(default=1.0, ge=0, le=1.0)
+    # A concurrency slot expires this long after admission unless renewed (dead replicas).
+    concurrency_lease_ttl_s: PositiveFloat = 60.0
+
+
+class Settings(LimitsSettings):
     """All gateway settings. Built once at start-up and injected; never a module global."""
 
     model_config = SettingsConfigDict(

@@ -6,6 +6,12 @@ from pathlib import Path
 
 import pytest
 
+# A real Redis: 127.0.0.1:6379 here and in CI (each test session uses its own key prefix).
+REDIS_URL = "redis://127.0.0.1:6379/0"
+TEST_API_KEY = "sk-test-bootstrap-key-0123456789abcdef"
+TEST_ADMIN_TOKEN = "admin-token-for-tests"
+AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}
+
 
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -51,6 +57,8 @@ class LiveServer:
 
 @pytest.fixture(scope="session")
 def gateway_settings(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    import secrets
+
     from gateway.settings import Settings
 
     return Settings(
@@ -59,6 +67,10 @@ def gateway_settings(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFact
         device="cpu",
         max_batch_size=4,
         default_max_tokens=16,
+        redis_url=REDIS_URL,
+        redis_key_prefix=f"gwtest-{secrets.token_hex(4)}",
+        bootstrap_key=TEST_API_KEY,
+        admin_token=TEST_ADMIN_TOKEN,
     )
 
 
@@ -67,4 +79,19 @@ def live_gateway(gateway_settings):  # type: ignore[no-untyped-def]
     from gateway.app import create_app
 
     with LiveServer(create_app(gateway_settings)) as server:
+        wait_until_ready(server.base_url)
         yield server
+
+
+def wait_until_ready(base_url: str, timeout: float = 30) -> None:
+    """The bootstrap key is registered in the background: wait until it authenticates."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if httpx.get(base_url + "/v1/models", headers=AUTH, timeout=5).status_code == 200:
+            return
+        time.sleep(0.05)
+    raise RuntimeError("the gateway never accepted the test key")

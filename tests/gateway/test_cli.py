@@ -57,14 +57,19 @@ def test_serve_with_nothing_configured_runs_the_demo(tmp_path: Path) -> None:
             "messages": [{"role": "user", "content": "Hello!"}],
             "max_tokens": 5,
         }
-        resp = httpx.post(base + "/v1/chat/completions", json=body, timeout=60)
+        # The demo prints a ready key; it is also kept in the state directory.
+        demo_key = (tmp_path / "state" / "demo_key").read_text().strip()
+        auth = {"Authorization": f"Bearer {demo_key}"}
+        resp = httpx.post(base + "/v1/chat/completions", json=body, headers=auth, timeout=60)
         assert resp.status_code == 200, resp.text
         assert resp.json()["choices"][0]["message"]["role"] == "assistant"
         assert (tmp_path / "state" / "demo-model" / ".demo-model-complete").exists()
         # Graceful shutdown: a stream that is running when SIGTERM arrives still finishes.
         long = {**body, "max_tokens": 300, "stream": True, "temperature": 0}
         events = []
-        with httpx.stream("POST", base + "/v1/chat/completions", json=long, timeout=60) as stream:
+        with httpx.stream(
+            "POST", base + "/v1/chat/completions", json=long, headers=auth, timeout=60
+        ) as stream:
             lines = stream.iter_lines()
             for line in lines:
                 if line:
@@ -81,4 +86,6 @@ def test_serve_with_nothing_configured_runs_the_demo(tmp_path: Path) -> None:
     # uvicorn re-raises SIGTERM after its graceful shutdown completes.
     assert proc.returncode in (0, -signal.SIGTERM), output
     assert "Application shutdown complete" in output
-    assert "curl" in output  # the demo banner tells the user how to try it
+    # The demo banner tells the user how to try it, with the key.
+    assert "curl" in output
+    assert f"Bearer {demo_key}" in output

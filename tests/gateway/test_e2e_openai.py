@@ -11,6 +11,8 @@ import openai
 import pytest
 from PIL import Image
 
+from tests.conftest import AUTH, TEST_API_KEY
+
 MODEL = "meta-llama/llama-3.2-11b-vision-instruct"
 SAFE_RESULTS = {
     "hate": {"filtered": False, "severity": "safe"},
@@ -30,7 +32,9 @@ def png_data_url(color: tuple[int, int, int] = (200, 40, 40)) -> str:
 
 @pytest.fixture()
 def client(live_gateway) -> openai.OpenAI:  # type: ignore[no-untyped-def]
-    return openai.OpenAI(base_url=live_gateway.base_url + "/v1", api_key="sk-test", max_retries=0)
+    return openai.OpenAI(
+        base_url=live_gateway.base_url + "/v1", api_key=TEST_API_KEY, max_retries=0
+    )
 
 
 def test_non_streaming_text(client: openai.OpenAI) -> None:
@@ -171,7 +175,7 @@ def test_streaming_raw_sse_ends_with_done(live_gateway) -> None:  # type: ignore
         "stream": True,
     }
     with httpx.stream(
-        "POST", live_gateway.base_url + "/v1/chat/completions", json=body, timeout=60
+        "POST", live_gateway.base_url + "/v1/chat/completions", json=body, headers=AUTH, timeout=60
     ) as resp:
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
@@ -187,7 +191,7 @@ def test_litellm_as_client(live_gateway) -> None:  # type: ignore[no-untyped-def
     resp = litellm.completion(
         model="openai/" + MODEL,
         api_base=live_gateway.base_url + "/v1",
-        api_key="sk-test",
+        api_key=TEST_API_KEY,
         messages=[{"role": "user", "content": "Hello from litellm"}],
         max_tokens=4,
     )
@@ -228,14 +232,17 @@ def test_client_disconnect_frees_the_engine(live_gateway) -> None:  # type: igno
     engine = live_gateway.server.config.app.state.engine
     body = {
         "model": MODEL,
-        "messages": [{"role": "user", "content": "Go on and on"}],
+        # Greedy on this prompt runs to max_tokens on the demo model.
+        "messages": [{"role": "user", "content": "Long answer please"}],
         "max_tokens": 1500,
+        "temperature": 0,
         "stream": True,
     }
     with httpx.stream(
-        "POST", live_gateway.base_url + "/v1/chat/completions", json=body, timeout=60
+        "POST", live_gateway.base_url + "/v1/chat/completions", json=body, headers=AUTH, timeout=60
     ) as resp:
-        for line in resp.iter_lines():
+        lines = resp.iter_lines()  # keep it referenced: a collected iterator closes the socket
+        for line in lines:
             if '"content":"' in line and '"content":""' not in line:
                 break
         assert engine.scheduler.active_count == 1
@@ -253,10 +260,11 @@ def test_event_loop_answers_while_the_model_works(live_gateway) -> None:  # type
         "model": MODEL,
         "messages": [{"role": "user", "content": "Long answer please"}],
         "max_tokens": 400,
+        "temperature": 0,
     }
     worker = threading.Thread(
         target=lambda: httpx.post(
-            live_gateway.base_url + "/v1/chat/completions", json=body, timeout=120
+            live_gateway.base_url + "/v1/chat/completions", json=body, headers=AUTH, timeout=120
         )
     )
     worker.start()

@@ -11,6 +11,8 @@ import httpx
 import pytest
 from PIL import Image
 
+from tests.conftest import AUTH, LiveServer, wait_until_ready
+
 MODEL = "meta-llama/llama-3.2-11b-vision-instruct"
 
 
@@ -221,7 +223,7 @@ def test_hostile_request(
     resp = httpx.post(
         live_gateway.base_url + "/v1/chat/completions",
         content=content,
-        headers={"content-type": "application/json"},
+        headers={"content-type": "application/json", **AUTH},
         timeout=30,
     )
     assert resp.status_code == status, resp.text
@@ -237,30 +239,30 @@ def test_hostile_request(
 
 def test_neutral_values_of_unsupported_parameters_are_accepted(live_gateway) -> None:  # type: ignore[no-untyped-def]
     body = chat(logprobs=False, tools=[], response_format={"type": "text"}, some_future_field=1)
-    resp = httpx.post(live_gateway.base_url + "/v1/chat/completions", json=body, timeout=30)
+    resp = httpx.post(
+        live_gateway.base_url + "/v1/chat/completions", json=body, headers=AUTH, timeout=30
+    )
     assert resp.status_code == 200, resp.text
     assert resp.json()["object"] == "chat.completion"
 
 
 def test_nul_and_odd_text_is_served(live_gateway) -> None:  # type: ignore[no-untyped-def]
     body = user("nul \u0000 rtl \u202e emoji \U0001f600 <|eot_id|> <|image|>")
-    resp = httpx.post(live_gateway.base_url + "/v1/chat/completions", json=body, timeout=30)
+    resp = httpx.post(
+        live_gateway.base_url + "/v1/chat/completions", json=body, headers=AUTH, timeout=30
+    )
     assert resp.status_code == 200, resp.text
 
 
-def test_body_over_the_cap_is_413(demo_model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_body_over_the_cap_is_413(gateway_settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from gateway.app import create_app
-    from gateway.settings import Settings
-    from tests.conftest import LiveServer
 
-    settings = Settings(
-        model_path=demo_model_dir, state_dir=tmp_path, device="cpu", max_body_bytes=2048
-    )
+    settings = gateway_settings.model_copy(update={"max_body_bytes": 2048, "state_dir": tmp_path})
     with LiveServer(create_app(settings)) as server:
-        resp = httpx.post(
-            server.base_url + "/v1/chat/completions", json=user("x" * 5000), timeout=30
-        )
+        wait_until_ready(server.base_url)
+        url = server.base_url + "/v1/chat/completions"
+        resp = httpx.post(url, json=user("x" * 5000), headers=AUTH, timeout=30)
         assert resp.status_code == 413
         assert resp.json()["error"]["code"] == "request_too_large"
-        ok = httpx.post(server.base_url + "/v1/chat/completions", json=user("small"), timeout=30)
+        ok = httpx.post(url, json=user("small"), headers=AUTH, timeout=30)
         assert ok.status_code == 200

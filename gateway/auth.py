@@ -1,0 +1,127 @@
+"""Request authentication, and the keys the gateway registers itself at start-up.
+
+The chat route calls `AuthService.authenticate` (`Authorization: Bearer sk-...` -> `ApiKey`,
+or 401 / 403); the admin router uses `check_admin_token`. Error messages never echo the
+presented key (it would end up in logs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+from gateway.errors import AuthenticationFailed, PermissionDenied, ServiceUnavailable
+from gateway.keys import ApiKey, KeyStore, generate_key, read_or_create_private
+from gateway.redis_conn import limits_settings
+
+log = structlog.get_logger(__name__)
+
+BOOTSTRAP_MIN_LEN = 20
+DEMO_KEY_FILE = "demo_key"
+
+
+async def register_bootstrap_key(
+    store: KeyStore, settings: object, *, retry_interval_s: float | None = None
+) -> ApiKey | None:
+    """Register `GATEWAY_BOOTSTRAP_KEY` (idempotent; replicas may race safely). Call at start.
+
+    With `retry_interval_s`, waits for Redis instead of raising ServiceUnavailable (run it as
+    a background task so the gateway starts, and readyz reports Redis, while Redis is down).
+    """
+    plain: str | None = getattr(settings, "bootstrap_key", None)
+    if not plain:
+        return None
+    if len(plain) < BOOTSTRAP_MIN_LEN:
+        raise ValueError(f"GATEWAY_BOOTSTRAP_KEY must be at least {BOOTSTRAP_MIN_LEN} characters")
+    while True:
+        try:
+            key, _, created = await store.create("bootstrap", plain_key=plain)
+            break
+        except ServiceUnavailable:
+            if retry_interval_s is None:
+                raise
+            await asyncio.sleep(retry_interval_s)
+    log.info("bootstrap key ready", key_id=key.id, created=created)
+    return key
+
+
+async def ensure_demo_key(store: KeyStore, settings: object) -> str:
+    """The demo's key: generated once into `<state_dir>/demo_key` (0600), registered
+    idempotently, so `gateway serve` can print the same ready key on every start."""
+    path = Path(getattr(settings, "state_dir")) / DEMO_KEY_FILE  # noqa: B009
+    plain = await asyncio.to_thread(read_or_create_private, path, generate_key)
+    await store.create("demo", plain_key=plain)
+    return plain
+
+
+class AuthService:
+    """Turns an Authorization header and a canonical model id into an `ApiKey`, or raises."""
+
+    def __init__(
+        self,
+        store: KeyStore,
+        *,
+        canonical_model: Callable[[str], str | None] | None = None,
+        failure_mode: str = "closed",
+    ) -> None:
+        self.store = store
+        self.canonical_model = canonical_model
+        self.fail_open = failure_mode == "open"
+
+    @classmethod
+    def from_settings(cls, store: KeyStore, settings: object) -> AuthService:
+        return cls(
+            store,
+            canonical_model=getattr(settings, "canonical_model_id", None),
+            failure_mode=limits_settings(settings).redis_failure_mode,
+        )
+
+    async def authenticate(self, authorization: str | None, model: str | None = None) -> ApiKey:
+        """The caller's key, or AuthenticationFailed (401) / PermissionDenied (403).
+
+        Pass `model=None` to authenticate before the body is parsed (401 comes before 400),
+        then call `check_model` with the canonical model id.
+        """
+        token = bearer_token(authorization)
+        if not token:
+            raise AuthenticationFailed(
+                "You didn't provide an API key. You need to provide your API key in an "
+                "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+            )
+        key = await self.store.lookup(token, stale_ok=self.fail_open)
+        if key is None:
+            raise AuthenticationFailed(
+                "Incorrect API key provided. Ask your gateway operator for a valid key."
+            )
+        if key.disabled:
+            raise AuthenticationFailed("This API key has been disabled.")
+        if key.is_expired():
+            raise AuthenticationFailed("This API key has expired.")
+        if model is not None:
+            self.check_model(key, model)
+        return key
+
+    def check_model(self, key: ApiKey, model: str) -> None:
+        if not key.allows_model(model, self.canonical_model):
+            raise PermissionDenied(
+                f"This API key is not allowed to use the model '{model}'.", param="model"
+            )
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+def check_admin_token(authorization: str | None, admin_token: str) -> bool:
+    token = bearer_token(authorization)
+    # Constant-time comparison: the admin token must not leak through timing.
+    return token is not None and hmac.compare_digest(token.encode(), admin_token.encode())

