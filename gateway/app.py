@@ -26,6 +26,7 @@ from gateway.keys import KeyStore
 from gateway.logging import configure_logging
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestContextMiddleware
+from gateway.moderation import GuardServices
 from gateway.ratelimit import RateLimiter
 from gateway.redis_conn import RedisConnection, RedisMetrics
 from gateway.routes import router
@@ -92,6 +93,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         bootstrap = asyncio.create_task(
             register_bootstrap_key(key_store, settings, retry_interval_s=1.0)
         )
+        state.guards = guards = await GuardServices.start(settings, metrics.registry)
         served = engine or build_engine(settings)
         await served.start()
         images = ImageLoader(ImageLimits.from_settings(settings))
@@ -102,7 +104,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             ).hexdigest()[:10]
         )
         state.engine = served
-        state.chat = ChatService(settings, served, images, metrics, fingerprint)
+        state.chat = ChatService(settings, served, images, metrics, fingerprint, guards)
+        state.policy_exists = guards.store.__contains__
         if settings.demo_mode and not settings.bootstrap_key:
             demo_key = await ensure_demo_key(key_store, settings)
             print(demo_banner(settings, demo_key), file=sys.stderr)
@@ -114,6 +117,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                 await bootstrap
             await served.stop()
             await images.aclose()
+            await guards.stop()
             if state.background:
                 await asyncio.wait(state.background, timeout=2)
             await redis_conn.close()

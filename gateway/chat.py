@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,13 +14,16 @@ import structlog
 from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, ServiceUnavailable
 from gateway.images import ImageLoader
 from gateway.metrics import GatewayMetrics
+from gateway.moderation import ContentFiltered, GuardServices, policy_header
 from gateway.protocol import ChatCompletionRequest, ChatMessage, ImageContentPart
 from gateway.settings import Settings
-from guards.content_filter import choice_results, prompt_filter_results
+from guards.base import GuardInput
+from guards.decision import Decision
+from guards.pipeline import GuardPipeline, log_decision
+from guards.policy import Policy
 from model.engine import (
     ChatTurn,
     Engine,
-    EngineEvent,
     EngineRequest,
     Finished,
     ImagePart,
@@ -41,12 +43,21 @@ class PreparedChat:
     created: int
     model_id: str
     engine_requests: list[EngineRequest]
+    turns: tuple[ChatTurn, ...]
+    policy: Policy
+    pipeline: GuardPipeline
     prompt_tokens: int
     max_tokens: int
     started: float
     # Completion tokens known so far (exact for finished choices, one per delta otherwise):
     # what the rate limiter is settled with if the client leaves early.
     completion_tokens: int = 0
+    input_decision: Decision | None = None
+
+    def prompt_filter_results(self) -> list[dict[str, Any]]:
+        if self.input_decision is None:
+            return self.pipeline.safe_decision("input").prompt_filter_results()
+        return self.input_decision.prompt_filter_results()
 
     @property
     def reserved_completion_tokens(self) -> int:
@@ -63,11 +74,6 @@ class EngineFailed(GatewayError):
     code = "engine_error"
 
 
-def sse(payload: dict[str, Any] | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
-
-
 class ChatService:
     """Built once at start-up; one instance serves every chat request."""
 
@@ -78,8 +84,10 @@ class ChatService:
         images: ImageLoader,
         metrics: GatewayMetrics,
         system_fingerprint: str,
+        guards: GuardServices,
     ) -> None:
         self._settings = settings
+        self._guards = guards
         self._engine = engine
         self._images = images
         self._metrics = metrics
@@ -87,7 +95,10 @@ class ChatService:
 
     # -- intake ----------------------------------------------------------------------------
     async def prepare(
-        self, body: bytes, authorize: Callable[[str], None] | None = None
+        self,
+        body: bytes,
+        authorize: Callable[[str], None] | None = None,
+        policy_name: str | None = None,
     ) -> PreparedChat:
         """Validate, check the model (and the caller's right to it), load images, count tokens."""
         started = time.perf_counter()
@@ -102,6 +113,7 @@ class ChatService:
             )
         if authorize is not None:
             authorize(model_id)
+        policy = self._guards.policy(policy_name)
         self._check_counts(request)
         if not self._engine.ready():
             raise ServiceUnavailable("The model engine is not ready yet; retry shortly.")
@@ -120,6 +132,9 @@ class ChatService:
             created=int(time.time()),
             model_id=model_id,
             engine_requests=engine_requests,
+            turns=turns,
+            policy=policy,
+            pipeline=self._guards.pipeline(policy),
             prompt_tokens=prompt_tokens,
             max_tokens=max_tokens,
             started=started,
@@ -170,35 +185,55 @@ class ChatService:
             raise _context_error(context, prompt_tokens, asked)
         return asked
 
+    # -- guards ----------------------------------------------------------------------------
+    async def check_input(self, chat: PreparedChat) -> None:
+        """Run the policy's input guards; a blocked prompt is Azure's 400 content_filter."""
+        (decision,) = await chat.pipeline.run("input", [GuardInput("input", chat.turns)])
+        chat.input_decision = decision
+        log_decision(decision)
+        if decision.blocked:
+            raise ContentFiltered(
+                decision.error_body(), headers={"x-policy": policy_header(chat.policy)}
+            )
+
+    async def check_output(self, chat: PreparedChat, texts: list[str]) -> list[Decision]:
+        items = [GuardInput("output", chat.turns, completion=text) for text in texts]
+        decisions = await chat.pipeline.run("output", items)
+        for decision in decisions:
+            log_decision(decision)
+        return decisions
+
     # -- non-streaming ---------------------------------------------------------------------
     async def complete(self, chat: PreparedChat) -> dict[str, Any]:
         outcomes = await asyncio.gather(
             *(self._collect(chat, r) for r in chat.engine_requests), return_exceptions=False
         )
+        decisions = await self.check_output(chat, [text for text, _ in outcomes])
         choices = []
         completion_tokens = 0
-        for index, (text, finished) in enumerate(outcomes):
+        for index, ((text, finished), decision) in enumerate(zip(outcomes, decisions, strict=True)):
             completion_tokens += finished.completion_tokens
+            # A withheld completion: finish_reason content_filter, and none of its text.
             choices.append(
                 {
                     "index": index,
-                    "message": {"role": "assistant", "content": text},
+                    "message": {"role": "assistant", "content": "" if decision.blocked else text},
                     "logprobs": None,
-                    "finish_reason": finished.reason,
-                    "content_filter_results": choice_results(),
+                    "finish_reason": "content_filter" if decision.blocked else finished.reason,
+                    "content_filter_results": decision.content_filter_results(),
                 }
             )
         prompt_tokens = outcomes[0][1].prompt_tokens
         chat.prompt_tokens, chat.completion_tokens = prompt_tokens, completion_tokens
-        self._count_tokens(prompt_tokens, completion_tokens)
+        self.count_tokens(prompt_tokens, completion_tokens)
         return {
             "id": chat.completion_id,
             "object": "chat.completion",
             "created": chat.created,
             "model": chat.model_id,
             "choices": choices,
-            "prompt_filter_results": prompt_filter_results(),
-            "usage": _usage(prompt_tokens, completion_tokens),
+            "prompt_filter_results": chat.prompt_filter_results(),
+            "usage": usage_body(prompt_tokens, completion_tokens),
             "system_fingerprint": self.system_fingerprint,
         }
 
@@ -208,132 +243,26 @@ class ChatService:
         async for event in self._engine.generate(request):
             if isinstance(event, TextDelta):
                 if first:
-                    self._metrics.time_to_first_token.observe(time.perf_counter() - chat.started)
+                    self.observe_first_token(chat)
                     first = False
                 pieces.append(event.text)
             else:
-                return "".join(pieces), _checked(event)
+                return "".join(pieces), checked_finish(event)
         raise EngineFailed("The engine ended the stream without a finish event.")
 
-    # -- streaming -------------------------------------------------------------------------
-    async def stream(self, chat: PreparedChat) -> AsyncIterator[bytes]:
-        """SSE bytes per the contract; closing this iterator cancels generation."""
-        queue: asyncio.Queue[tuple[int, EngineEvent | BaseException]] = asyncio.Queue()
-        tasks = [
-            asyncio.create_task(_pump(i, self._engine.generate(r), queue.put))
-            for i, r in enumerate(chat.engine_requests)
-        ]
-        include_usage = chat.request.wants_usage_chunk
-        first_chunk = True
-        first_text = True
-        open_choices = len(tasks)
-        prompt_tokens = chat.prompt_tokens
-        completion_tokens = 0
-        deltas = [0] * len(tasks)
-        try:
-            # Each choice opens with the assistant role; the first chunk also carries
-            # prompt_filter_results (never on a chunk with empty choices).
-            for index in range(len(tasks)):
-                chunk = self._chunk(chat, index, {"role": "assistant", "content": ""}, None)
-                if first_chunk:
-                    chunk["prompt_filter_results"] = prompt_filter_results()
-                    first_chunk = False
-                yield sse(self._with_usage_field(chunk, include_usage))
-            while open_choices:
-                index, event = await queue.get()
-                if isinstance(event, BaseException):
-                    raise event
-                if isinstance(event, TextDelta):
-                    deltas[index] += 1
-                    chat.completion_tokens += 1
-                    if first_text:
-                        self._metrics.time_to_first_token.observe(
-                            time.perf_counter() - chat.started
-                        )
-                        first_text = False
-                    chunk = self._chunk(chat, index, {"content": event.text}, None)
-                    yield sse(self._with_usage_field(chunk, include_usage))
-                    continue
-                finished = _checked(event)
-                open_choices -= 1
-                prompt_tokens = finished.prompt_tokens
-                completion_tokens += finished.completion_tokens
-                chat.completion_tokens += finished.completion_tokens - deltas[index]
-                chunk = self._chunk(chat, index, {}, finished.reason)
-                yield sse(self._with_usage_field(chunk, include_usage))
-            self._count_tokens(prompt_tokens, completion_tokens)
-            if include_usage:
-                yield sse(
-                    {
-                        "id": chat.completion_id,
-                        "object": "chat.completion.chunk",
-                        "created": chat.created,
-                        "model": chat.model_id,
-                        "system_fingerprint": self.system_fingerprint,
-                        "choices": [],
-                        "usage": _usage(prompt_tokens, completion_tokens),
-                    }
-                )
-            yield sse("[DONE]")
-        except GatewayError as exc:
-            log.error("stream_failed", error=exc.message)
-            yield sse(exc.envelope())
-            yield sse("[DONE]")
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+    @property
+    def engine(self) -> Engine:
+        return self._engine
 
-    def _chunk(
-        self, chat: PreparedChat, index: int, delta: dict[str, Any], finish: str | None
-    ) -> dict[str, Any]:
-        return {
-            "id": chat.completion_id,
-            "object": "chat.completion.chunk",
-            "created": chat.created,
-            "model": chat.model_id,
-            "system_fingerprint": self.system_fingerprint,
-            "choices": [
-                {
-                    "index": index,
-                    "delta": delta,
-                    "logprobs": None,
-                    "finish_reason": finish,
-                    "content_filter_results": choice_results(),
-                }
-            ],
-        }
+    def observe_first_token(self, chat: PreparedChat) -> None:
+        self._metrics.time_to_first_token.observe(time.perf_counter() - chat.started)
 
-    @staticmethod
-    def _with_usage_field(chunk: dict[str, Any], include_usage: bool) -> dict[str, Any]:
-        if include_usage:
-            chunk["usage"] = None  # as OpenAI does on every chunk but the last
-        return chunk
-
-    def _count_tokens(self, prompt_tokens: int, completion_tokens: int) -> None:
+    def count_tokens(self, prompt_tokens: int, completion_tokens: int) -> None:
         self._metrics.tokens_in.inc(prompt_tokens)
         self._metrics.tokens_out.inc(completion_tokens)
 
 
-async def _pump(
-    index: int,
-    events: AsyncIterator[EngineEvent],
-    put: Callable[[tuple[int, EngineEvent | BaseException]], Awaitable[None]],
-) -> None:
-    try:
-        async for event in events:
-            await put((index, event))
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # surfaced to the stream, which reports it
-        await put((index, exc))
-    finally:
-        closer = getattr(events, "aclose", None)
-        if closer is not None:
-            await closer()
-
-
-def _checked(event: Finished) -> Finished:
+def checked_finish(event: Finished) -> Finished:
     if event.reason == "error":
         raise EngineFailed(f"The model failed to generate: {event.error or 'unknown error'}")
     if event.reason == "cancelled":
@@ -341,7 +270,7 @@ def _checked(event: Finished) -> Finished:
     return event
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,

@@ -10,9 +10,11 @@ import typer
 
 from gateway.keys_cli import app as keys_app
 from gateway.settings import Settings
+from guards.policy_cli import policy_app
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 cli.add_typer(keys_app, name="keys", help="Manage API keys (same Redis as the server).")
+cli.add_typer(policy_app, name="policy", help="Check and evaluate safety policies.")
 
 
 @cli.command()

@@ -7,15 +7,18 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from gateway.admin import require_admin
 from gateway.auth import AuthService
 from gateway.chat import ChatService, PreparedChat
-from gateway.errors import ModelNotFound, RequestTooLarge
+from gateway.errors import GatewayError, ModelNotFound, RequestTooLarge
 from gateway.metrics import GatewayMetrics
+from gateway.moderation import GuardServices, policy_header
 from gateway.ratelimit import Admission, RateLimiter
 from gateway.settings import Settings
+from gateway.streaming import stream_chat
 
 log = structlog.get_logger(__name__)
 
@@ -54,9 +57,17 @@ async def chat_completions(request: Request) -> Response:
     chat_service: ChatService = state.chat
     key = await auth.authenticate(request.headers.get("authorization"))
     body = await read_body(request, settings.max_body_bytes)
-    chat = await chat_service.prepare(body, authorize=lambda model: auth.check_model(key, model))
+    chat = await chat_service.prepare(
+        body, authorize=lambda model: auth.check_model(key, model), policy_name=key.policy
+    )
     adm = await limiter.admit(key, chat.prompt_tokens, chat.reserved_completion_tokens)
-    headers = adm.headers()
+    headers = {**adm.headers(), "x-policy": policy_header(chat.policy)}
+    try:
+        await chat_service.check_input(chat)
+    except GatewayError as exc:
+        _settle_later(request, limiter, adm, chat.prompt_tokens)
+        exc.headers = {**headers, **exc.headers}
+        raise
     if chat.request.stream:
         return StreamingResponse(
             _settled_stream(request, chat_service, limiter, adm, chat),
@@ -80,7 +91,7 @@ async def _settled_stream(
 ) -> AsyncIterator[bytes]:
     try:
         async with limiter.heartbeat(adm):
-            async for chunk in chat_service.stream(chat):
+            async for chunk in stream_chat(chat_service, chat):
                 yield chunk
     finally:
         _settle_later(request, limiter, adm, chat.used_tokens)
@@ -125,7 +136,14 @@ async def readyz(request: Request) -> Response:
         reasons["redis"] = "redis is not connected"
     elif (problem := await redis.check()) is not None:
         reasons["redis"] = problem
-    checks = {name: name not in reasons for name in ("engine", "redis")}
+    guards: GuardServices | None = getattr(state, "guards", None)
+    if guards is None:
+        reasons["policies"] = "policies are not loaded"
+    else:
+        ok, why = guards.store.ready()
+        if not ok:
+            reasons["policies"] = why
+    checks = {name: name not in reasons for name in ("engine", "redis", "policies")}
     if not reasons:
         return JSONResponse({"status": "ready", "checks": checks})
     return JSONResponse(
@@ -138,3 +156,9 @@ async def readyz(request: Request) -> Response:
 async def metrics_endpoint(request: Request) -> Response:
     metrics: GatewayMetrics = request.app.state.metrics
     return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/admin/policies", dependencies=[Depends(require_admin)])
+async def admin_policies(request: Request) -> dict[str, Any]:
+    guards: GuardServices = request.app.state.guards
+    return {"object": "list", "data": guards.store.status()}

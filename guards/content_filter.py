@@ -1,8 +1,16 @@
 """Azure-style content-filter results.
 
 One builder makes `content_filter_results` (per choice) and `prompt_filter_results` (per
-prompt). Until guards run, every category is reported safe by this same code; the guards fill
-`CategoryVerdicts` later and nothing else changes for the API.
+prompt). With no arguments every category is reported safe, with the six keys of the contract;
+`guards.decision.decide` fills `CategoryVerdicts` from the guards' verdicts under a policy, and
+may switch on the optional keys:
+
+- `indirect_attack` (`{filtered, detected}`, on prompts);
+- `custom_blocklists` (`{filtered, details: [{filtered, id}]}`, Azure's shape, when the policy
+  has blocklists on that stage; `details` lists the lists that matched);
+- `llama_guard` (`{filtered, detected, categories: ["S2", ...]}`: the Llama Guard hazard codes
+  that have no Azure counterpart under the policy's mapping and crossed their threshold);
+- `error` (`{code: "guard_error", message}`: a guard failed or timed out).
 """
 
 from __future__ import annotations
@@ -14,6 +22,17 @@ Severity = Literal["safe", "low", "medium", "high"]
 
 SEVERITY_CATEGORIES = ("hate", "self_harm", "sexual", "violence")
 DETECTION_CATEGORIES = ("jailbreak", "profanity")
+OPTIONAL_KEYS = ("indirect_attack", "custom_blocklists", "llama_guard")
+
+BLOCKED_PROMPT_MESSAGE = (
+    "The prompt was filtered due to triggering the gateway's content management policy. "
+    "Please modify your prompt and retry."
+)
+
+
+def _code_order(code: str) -> tuple[int, str]:
+    digits = code[1:] if code[:1] == "S" else ""
+    return (int(digits), code) if digits.isdigit() else (10_000, code)
 
 
 @dataclass
@@ -24,6 +43,22 @@ class CategoryVerdicts:
     detected: dict[str, bool] = field(default_factory=dict)
     filtered: set[str] = field(default_factory=set)
     extra: dict[str, Any] = field(default_factory=dict)
+    # Optional keys (see the module doc) reported in the results; none by default.
+    report: set[str] = field(default_factory=set)
+    # Blocklist name -> filtered, for the lists that matched.
+    blocklists: dict[str, bool] = field(default_factory=dict)
+    # Unmapped Llama Guard code -> filtered, for the codes that crossed their threshold.
+    llama_guard_codes: dict[str, bool] = field(default_factory=dict)
+    # Messages of guards that failed (reported under `error`).
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def any_filtered(self) -> bool:
+        return (
+            bool(self.filtered)
+            or any(self.blocklists.values())
+            or any(self.llama_guard_codes.values())
+        )
 
     def results(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -37,6 +72,27 @@ class CategoryVerdicts:
                 "filtered": name in self.filtered,
                 "detected": self.detected.get(name, False),
             }
+        if "indirect_attack" in self.report:
+            out["indirect_attack"] = {
+                "filtered": "indirect_attack" in self.filtered,
+                "detected": self.detected.get("indirect_attack", False),
+            }
+        if "custom_blocklists" in self.report or self.blocklists:
+            out["custom_blocklists"] = {
+                "filtered": any(self.blocklists.values()),
+                "details": [
+                    {"filtered": filtered, "id": name}
+                    for name, filtered in sorted(self.blocklists.items())
+                ],
+            }
+        if "llama_guard" in self.report or self.llama_guard_codes:
+            out["llama_guard"] = {
+                "filtered": any(self.llama_guard_codes.values()),
+                "detected": bool(self.llama_guard_codes),
+                "categories": sorted(self.llama_guard_codes, key=_code_order),
+            }
+        if self.errors:
+            out["error"] = {"code": "guard_error", "message": "; ".join(self.errors)}
         out.update(self.extra)
         return out
 
@@ -47,3 +103,22 @@ def choice_results(verdicts: CategoryVerdicts | None = None) -> dict[str, Any]:
 
 def prompt_filter_results(verdicts: CategoryVerdicts | None = None) -> list[dict[str, Any]]:
     return [{"prompt_index": 0, "content_filter_results": choice_results(verdicts)}]
+
+
+def content_filter_error_body(
+    verdicts: CategoryVerdicts, message: str = BLOCKED_PROMPT_MESSAGE
+) -> dict[str, Any]:
+    """Azure's 400 body for a prompt blocked by the input policy (the whole JSON response)."""
+    return {
+        "error": {
+            "message": message,
+            "type": None,
+            "param": "prompt",
+            "code": "content_filter",
+            "status": 400,
+            "innererror": {
+                "code": "ResponsibleAIPolicyViolation",
+                "content_filter_result": verdicts.results(),
+            },
+        }
+    }
