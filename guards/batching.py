@@ -12,7 +12,7 @@ exception; the guard pipeline turns it into an error verdict. A caller that is c
 waiting simply drops its results.
 
 `BatchingGuard` is a ready-made `Guard` around a batch function; `PromptGuard` and `LlamaGuard`
-use `MicroBatcher` the same way.
+are `BatchingGuard`s around their `classify_batch`.
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ class BatchingGuard:
         max_wait_s: float = 0.005,
     ) -> None:
         self.name = name
-        self.stages = stages
+        self.stages = frozenset(stages)
         self.batcher: MicroBatcher[GuardInput, GuardVerdict] = MicroBatcher(
             batch_fn, max_batch=max_batch, max_wait_s=max_wait_s, name=name
         )

@@ -69,11 +69,11 @@ from transformers.models.mllama.processing_mllama import (
     get_cross_attention_token_mask,
 )
 
+from guards._device import device_and_dtype
 from guards.base import CategoryScore, GuardInput, GuardVerdict, Stage, severity_from_score
-from guards.batching import MicroBatcher
+from guards.batching import BatchingGuard
 from guards.llama_guard_parser import LlamaGuardParseError, parse_llama_guard_output
 from model.engine import ImagePart, TextPart
-from model.local_engine import pick_device
 
 DEFAULT_THRESHOLD = 0.5
 _BLOCK = re.compile(
@@ -97,7 +97,7 @@ def _jinja_string_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"').replace("'", "\\'")
 
 
-class LlamaGuard:
+class LlamaGuard(BatchingGuard):
     """Llama Guard 3 text or vision model as a batched `Guard` (see the module docstring)."""
 
     def __init__(
@@ -116,13 +116,13 @@ class LlamaGuard:
     ) -> None:
         if not 0.0 < threshold <= 1.0:
             raise ValueError("threshold must be in (0, 1]")
-        self.name = name
-        self.stages = frozenset(stages)
+        super().__init__(
+            name, stages, self.classify_batch, max_batch=max_batch, max_wait_s=max_wait_s
+        )
         self.threshold = threshold
         self.max_new_tokens = max_new_tokens
         self.max_batch = max_batch
-        self.device = pick_device(device)
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.device, self.dtype = device_and_dtype(device)
         path = pathlib.Path(path)
         config: Any = AutoConfig.from_pretrained(path)
         self.vision = config.model_type == "mllama"
@@ -170,10 +170,6 @@ class LlamaGuard:
         self.eos_ids = sorted({eot, *(int(e) for e in eos_list)})
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else eot
-
-        self.batcher: MicroBatcher[GuardInput, GuardVerdict] = MicroBatcher(
-            self.classify_batch, max_batch=max_batch, max_wait_s=max_wait_s, name=name
-        )
 
     # --- set-up helpers ----------------------------------------------------------------------
 
@@ -231,19 +227,6 @@ class LlamaGuard:
         if not codes:
             raise ValueError("the rendered prompt lists no S<n> categories")
         return codes
-
-    # --- the Guard protocol ------------------------------------------------------------------
-
-    async def check(self, items: Sequence[GuardInput]) -> list[GuardVerdict]:
-        started = time.perf_counter()
-        verdicts = await self.batcher.submit(items)
-        elapsed = time.perf_counter() - started
-        for verdict in verdicts:
-            verdict.latency_s = elapsed
-        return verdicts
-
-    def close(self) -> None:
-        self.batcher.close()
 
     # --- conversations -----------------------------------------------------------------------
 
@@ -344,7 +327,7 @@ class LlamaGuard:
                 self._categorise(unsafe[start : start + self.max_batch])
         elapsed = time.perf_counter() - started
         for p in prepared:
-            verdicts[p.index] = p.verdict or self._safe_verdict(p)
+            verdicts[p.index] = p.verdict or self._verdict(p.p_unsafe, (), "", p.image is not None)
         out = [v if v is not None else self._error("internal: no verdict") for v in verdicts]
         for v in out:
             v.latency_s = elapsed
@@ -422,7 +405,7 @@ class LlamaGuard:
             except LlamaGuardParseError as exc:
                 p.verdict = self._error(f"unparseable Llama Guard output: {exc}", details)
                 continue
-            p.verdict = self._unsafe_verdict(p.p_unsafe, result.codes, raw, p.image is not None)
+            p.verdict = self._verdict(p.p_unsafe, result.codes, raw, p.image is not None)
 
     # --- verdicts ----------------------------------------------------------------------------
 
@@ -438,12 +421,9 @@ class LlamaGuard:
             for code in self.valid_codes
         }
 
-    def _safe_verdict(self, p: _Prepared) -> GuardVerdict:
-        details = {"p_unsafe": p.p_unsafe, "codes": [], "raw": "", "image": p.image is not None}
-        return GuardVerdict(self.name, self._categories(p.p_unsafe, ()), details=details)
-
-    def _unsafe_verdict(
+    def _verdict(
         self, p_unsafe: float, codes: Sequence[str], raw: str, image: bool
     ) -> GuardVerdict:
+        """The verdict of a scored item: `codes` empty when it was found safe."""
         details = {"p_unsafe": p_unsafe, "codes": list(codes), "raw": raw, "image": image}
         return GuardVerdict(self.name, self._categories(p_unsafe, codes), details=details)

@@ -177,16 +177,11 @@ class GuardPipeline:
             raise ValueError(f"every item must be at stage {stage!r}")
         plans = self._plans[stage]
         results = await asyncio.gather(*(self._run_guard(p, stage, items) for p in plans))
+        ran, skipped = self.guards_for(stage), self._skipped[stage]
         decisions = []
         for i in range(len(items)):
             verdicts = [per_guard[i] for per_guard in results]
-            decision = decide(
-                self.policy,
-                stage,
-                verdicts,
-                ran=[p.name for p in plans],
-                skipped=self._skipped[stage],
-            )
+            decision = decide(self.policy, stage, verdicts, ran=ran, skipped=skipped)
             self._record(decision)
             decisions.append(decision)
         return decisions

@@ -37,9 +37,9 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+from guards._device import device_and_dtype
 from guards.base import CategoryScore, GuardInput, GuardVerdict, Stage, severity_from_score
-from guards.batching import MicroBatcher
-from model.local_engine import pick_device
+from guards.batching import BatchingGuard
 
 DEFAULT_THRESHOLD = 0.9  # Meta's recommended threshold for both versions
 
@@ -78,7 +78,7 @@ class TextScores:
     window_jailbreak: tuple[float, ...]
 
 
-class PromptGuard:
+class PromptGuard(BatchingGuard):
     """The Prompt Guard classifier as a batched `Guard`."""
 
     def __init__(
@@ -98,12 +98,12 @@ class PromptGuard:
     ) -> None:
         if not 0.0 < threshold <= 1.0:
             raise ValueError("threshold must be in (0, 1]")
-        self.name = name
-        self.stages = frozenset(stages)
+        super().__init__(
+            name, stages, self.classify_batch, max_batch=max_batch, max_wait_s=max_wait_s
+        )
         self.threshold = threshold
         self.report_indirect_attack = report_indirect_attack
-        self.device = pick_device(device)
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.device, self.dtype = device_and_dtype(device)
         path = pathlib.Path(path)
         config = AutoConfig.from_pretrained(path)
         self.layout = label_layout(config.id2label)
@@ -119,22 +119,6 @@ class PromptGuard:
             raise ValueError("window_overlap must be smaller than a window's content")
         self.window_overlap = window_overlap
         self.max_windows_per_forward = max_windows_per_forward
-        self.batcher: MicroBatcher[GuardInput, GuardVerdict] = MicroBatcher(
-            self.classify_batch, max_batch=max_batch, max_wait_s=max_wait_s, name=name
-        )
-
-    # --- the Guard protocol --------------------------------------------------------------
-
-    async def check(self, items: Sequence[GuardInput]) -> list[GuardVerdict]:
-        started = time.perf_counter()
-        verdicts = await self.batcher.submit(items)
-        elapsed = time.perf_counter() - started
-        for verdict in verdicts:
-            verdict.latency_s = elapsed
-        return verdicts
-
-    def close(self) -> None:
-        self.batcher.close()
 
     # --- synchronous work (runs in the batcher's thread) ----------------------------------
 

@@ -41,7 +41,7 @@ import itertools
 import json
 import pathlib
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from tokenizers import (
@@ -177,6 +177,27 @@ LLAMA_GUARD_3_VISION_CHAT_TEMPLATE = LLAMA_GUARD_3_1B_CHAT_TEMPLATE.rstrip("\n")
     _TYPO_FROM, _TYPO_TO
 )
 
+# --- shared by the builders ------------------------------------------------------------------
+
+_M = TypeVar("_M", bound=PreTrainedModel)
+
+
+def _seeded(model_class: type[_M], config: Any, seed: int) -> _M:
+    """`model_class(config)` in float32, eval mode, seeded without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_class(config).float().eval()
+
+
+def _save(out_dir: pathlib.Path, model: PreTrainedModel, preprocessor: Any) -> pathlib.Path:
+    """Write `model` (safetensors) and its tokenizer or processor to `out_dir`; return it."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    preprocessor.save_pretrained(out_dir)
+    return out_dir
+
+
 # --- Prompt Guard ----------------------------------------------------------------------------
 
 PromptGuardLabels = Literal["pg1", "pg2", "pg2-generic"]
@@ -230,8 +251,6 @@ def build_tiny_prompt_guard(
     out_dir: pathlib.Path, *, labels: PromptGuardLabels = "pg1", seed: int = 0
 ) -> pathlib.Path:
     """Write a tiny Prompt Guard (DeBERTa-v2 sequence classifier + tokenizer) to `out_dir`."""
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = _build_deberta_tokenizer()
     if len(tokenizer.tokenize(PROMPT_GUARD_TRIGGER)) != 1:
         raise RuntimeError("the trigger word must be a single token of the tiny vocabulary")
@@ -263,12 +282,8 @@ def build_tiny_prompt_guard(
         label2id={v: k for k, v in id2label.items()},
         **mdeberta_extras,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = DebertaV2ForSequenceClassification(config).float().eval()
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
+    model = _seeded(DebertaV2ForSequenceClassification, config, seed)
+    return _save(out_dir, model, tokenizer)
 
 
 # --- Llama Guard (text) ----------------------------------------------------------------------
@@ -352,8 +367,6 @@ def build_tiny_llama_guard(
     out_dir: pathlib.Path, *, template: LlamaGuardTemplate = "1b", seed: int = 0
 ) -> pathlib.Path:
     """Write a tiny Llama Guard 3 text model (1B- or 8B-style template) to `out_dir`."""
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     chat_template = (
         LLAMA_GUARD_3_1B_CHAT_TEMPLATE if template == "1b" else LLAMA_GUARD_3_8B_CHAT_TEMPLATE
     )
@@ -373,15 +386,11 @@ def build_tiny_llama_guard(
         pad_token_id=_token_id(tokenizer, "<|finetune_right_pad_id|>"),
         tie_word_embeddings=False,  # the real 1B ties them; untied lets tests set the head alone
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).float().eval()
+    model = _seeded(LlamaForCausalLM, config, seed)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=eos, pad_token_id=config.pad_token_id
     )
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
+    return _save(out_dir, model, tokenizer)
 
 
 # --- Llama Guard 3 Vision --------------------------------------------------------------------
@@ -389,8 +398,6 @@ def build_tiny_llama_guard(
 
 def build_tiny_llama_guard_vision(out_dir: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
     """Write a tiny Llama Guard 3 11B-Vision-style Mllama checkpoint + processor to `out_dir`."""
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     template = LLAMA_GUARD_3_VISION_CHAT_TEMPLATE
     tokenizer = _build_llama_tokenizer(template, with_image_token=True)
     processor = MllamaProcessor(
@@ -400,9 +407,7 @@ def build_tiny_llama_guard_vision(out_dir: pathlib.Path, *, seed: int = 0) -> pa
     )
     config = demo_model._build_config(tokenizer)
     text: Any = config.text_config
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = MllamaForConditionalGeneration(config).float().eval()
+    model = _seeded(MllamaForConditionalGeneration, config, seed)
     with torch.no_grad():  # the gates start at zero: open them so that images matter
         for name, param in model.named_parameters():
             if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
@@ -412,9 +417,7 @@ def build_tiny_llama_guard_vision(out_dir: pathlib.Path, *, seed: int = 0) -> pa
         eos_token_id=text.eos_token_id,
         pad_token_id=text.pad_token_id,
     )
-    model.save_pretrained(out_dir, safe_serialization=True)
-    processor.save_pretrained(out_dir)
-    return out_dir
+    return _save(out_dir, model, processor)
 
 
 # --- weight setters for tests and benchmarks --------------------------------------------------

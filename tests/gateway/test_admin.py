@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import secrets
-import socket
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
@@ -18,22 +16,13 @@ from fastapi.responses import JSONResponse
 from gateway.admin import router
 from gateway.errors import GatewayError
 from gateway.keys import KeyStore
-from gateway.redis_conn import make_client
+from tests.gateway.conftest import requires_redis
 
-REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 TOKEN = "admin-" + secrets.token_hex(8)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def _redis_up() -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", 6379), timeout=0.5).close()
-    except OSError:
-        return "127.0.0.1:6379" not in REDIS_URL
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _redis_up(), reason="needs Redis at 127.0.0.1:6379")
+pytestmark = requires_redis
 
 
 def build_app(store: KeyStore, admin_token: str | None = TOKEN) -> FastAPI:
@@ -48,16 +37,6 @@ def build_app(store: KeyStore, admin_token: str | None = TOKEN) -> FastAPI:
     app.state.policy_exists = lambda name: name in {"default", "strict", "audit"}
     app.include_router(router)
     return app
-
-
-@pytest_asyncio.fixture
-async def store() -> AsyncIterator[KeyStore]:
-    client = make_client(REDIS_URL, connect_timeout_s=2, socket_timeout_s=5)
-    prefix = f"gwtest-{secrets.token_hex(6)}"
-    yield KeyStore(client, b"admin-test-secret-0123456789", prefix=prefix, deadline_s=5)
-    async for k in client.scan_iter(match=f"{prefix}:*"):
-        await client.delete(k)
-    await client.aclose()
 
 
 @pytest_asyncio.fixture

@@ -3,66 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
-import socket
 import stat
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import pytest_asyncio
 import redis.asyncio as aioredis
 import structlog
 from typer.testing import CliRunner
 
 from gateway.auth import AuthService, ensure_demo_key, register_bootstrap_key
 from gateway.errors import AuthenticationFailed, PermissionDenied
-from gateway.keys import (
-    KeyStore,
-    LimitDefaults,
-    load_key_secret,
-)
+from gateway.keys import KeyStore, LimitDefaults, load_key_secret
 from gateway.keys_cli import app as keys_app
 from gateway.redis_conn import make_client
 from gateway.settings import Settings
+from tests.gateway.conftest import REDIS_URL, SECRET, requires_redis, store_for
 
-REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-SECRET = b"test-secret-0123456789abcdef"
-
-
-def _redis_up() -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", 6379), timeout=0.5).close()
-    except OSError:
-        return "127.0.0.1:6379" not in REDIS_URL
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _redis_up(), reason="needs Redis at 127.0.0.1:6379")
-
-
-@pytest_asyncio.fixture
-async def client() -> AsyncIterator[aioredis.Redis]:
-    c = make_client(REDIS_URL, connect_timeout_s=2, socket_timeout_s=5)
-    yield c
-    await c.aclose()
-
-
-@pytest_asyncio.fixture
-async def prefix(client: aioredis.Redis) -> AsyncIterator[str]:
-    p = f"gwtest-{secrets.token_hex(6)}"
-    yield p
-    async for k in client.scan_iter(match=f"{p}:*"):
-        await client.delete(k)
-
-
-def store_for(client: aioredis.Redis, prefix: str, **kw: object) -> KeyStore:
-    kw.setdefault("deadline_s", 5.0)
-    return KeyStore(client, SECRET, prefix=prefix, **kw)  # type: ignore[arg-type]
+pytestmark = requires_redis
 
 
 async def _dump(client: aioredis.Redis) -> str:
@@ -87,8 +48,7 @@ async def _dump(client: aioredis.Redis) -> str:
     return "\n".join(parts)
 
 
-async def test_create_lookup_and_hash_only_storage(client: aioredis.Redis, prefix: str) -> None:
-    store = store_for(client, prefix)
+async def test_create_lookup_and_hash_only_storage(client: aioredis.Redis, store: KeyStore) -> None:
     with structlog.testing.capture_logs() as logs:
         key, plain, created = await store.create("alice", rpm=10, tpm=1000, models=["m1"])
         assert created and plain.startswith("sk-") and len(plain) >= 3 + 43
@@ -132,8 +92,7 @@ async def test_revocation_and_patch_seen_by_other_replica(
     await other_client.aclose()
 
 
-async def test_auth_rules(client: aioredis.Redis, prefix: str) -> None:
-    store = store_for(client, prefix)
+async def test_auth_rules(store: KeyStore) -> None:
     settings = Settings()
     auth = AuthService.from_settings(store, settings)
     canonical = settings.model_id

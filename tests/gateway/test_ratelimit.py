@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import os
 import re
 import secrets
-import socket
 import time
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from dataclasses import replace
 
 import pytest
-import pytest_asyncio
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
@@ -21,45 +17,9 @@ from gateway.errors import RateLimited
 from gateway.keys import ApiKey
 from gateway.ratelimit import RateLimiter, format_duration
 from gateway.redis_conn import RedisMetrics, key_name, make_client
+from tests.gateway.conftest import REDIS_URL, make_key, requires_redis
 
-REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def _redis_up() -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", 6379), timeout=0.5).close()
-    except OSError:
-        return "127.0.0.1:6379" not in REDIS_URL
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _redis_up(), reason="needs Redis at 127.0.0.1:6379")
-
-
-@pytest_asyncio.fixture
-async def client() -> AsyncIterator[aioredis.Redis]:
-    c = make_client(REDIS_URL, connect_timeout_s=2, socket_timeout_s=5)
-    yield c
-    await c.aclose()
-
-
-@pytest_asyncio.fixture
-async def prefix(client: aioredis.Redis) -> AsyncIterator[str]:
-    p = f"gwtest-{secrets.token_hex(6)}"
-    yield p
-    async for k in client.scan_iter(match=f"{p}:*"):
-        await client.delete(k)
-
-
-def make_key(**limits: int | None) -> ApiKey:
-    return ApiKey(
-        id="key_" + secrets.token_hex(6),
-        name="t",
-        key_hash="h",
-        hint="sk-...",
-        created_at=datetime.now(UTC),
-        **limits,  # type: ignore[arg-type]
-    )
+pytestmark = requires_redis
 
 
 def limiter(client: aioredis.Redis, prefix: str, **kw: object) -> RateLimiter:
@@ -265,8 +225,7 @@ async def test_lowered_limit_counts_existing_window(client: aioredis.Redis, pref
     key = make_key(rpm=3)
     for _ in range(3):
         await rl.admit(key, 1, 1)
-    lowered = make_key(rpm=1)
-    lowered = ApiKey(**{**lowered.__dict__, "id": key.id})  # a PATCH lowered the limit
+    lowered = replace(key, rpm=1)  # a PATCH lowered the limit
     refused = await rl.admit(lowered, 1, 1, raise_on_reject=False)
     assert not refused.admitted and 0 < refused.retry_after <= 2.0
 

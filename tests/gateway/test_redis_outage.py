@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -28,6 +26,7 @@ from gateway.keys import ApiKey, KeyStore
 from gateway.keys_cli import app as keys_app
 from gateway.ratelimit import RateLimiter
 from gateway.redis_conn import EmbeddedRedis, RedisConnection, RedisMetrics, make_client
+from tests.gateway.conftest import make_key
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 pytestmark = pytest.mark.skipif(not os.path.exists(REDIS_SERVER), reason="needs redis-server")
@@ -70,17 +69,6 @@ def server() -> Iterator[Server]:
     if s.proc is not None:
         os.kill(s.proc.pid, signal.SIGCONT)
     s.kill()
-
-
-def make_key(**limits: int) -> ApiKey:
-    return ApiKey(
-        id="key_" + secrets.token_hex(6),
-        name="t",
-        key_hash="h",
-        hint="",
-        created_at=datetime.now(UTC),
-        **limits,  # type: ignore[arg-type]
-    )
 
 
 async def timed_admit(rl: RateLimiter, key: ApiKey) -> float:

@@ -78,6 +78,16 @@ def _sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return registry.get_sample_value(name, labels) or 0.0
 
 
+def _errors(registry: CollectorRegistry, kind: str, guard: str = "profanity") -> float:
+    """`gateway_guard_errors_total` of `guard` at the input stage, for one kind of failure."""
+    return _sample(registry, "gateway_guard_errors_total", guard=guard, stage="input", kind=kind)
+
+
+def _guards(profanity: FakeGuard) -> dict[str, Guard]:
+    """The registry for `POLICY`: the `profanity` guard under test, a harmless jailbreak one."""
+    return {"profanity": profanity, "jailbreak_heuristic": FakeGuard("jailbreak_heuristic")}
+
+
 async def test_guards_run_concurrently_and_decide_per_item() -> None:
     registry = CollectorRegistry()
     guards: dict[str, Guard] = {
@@ -122,9 +132,7 @@ async def test_guards_run_concurrently_and_decide_per_item() -> None:
 
 async def test_timeout_becomes_an_error_verdict_and_blocks() -> None:
     registry = CollectorRegistry()
-    slow = FakeGuard("profanity", delay=5.0)
-    guards: dict[str, Guard] = {"profanity": slow, "jailbreak_heuristic": FakeGuard("j")}
-    pipeline = GuardPipeline(_policy(), guards, registry)
+    pipeline = GuardPipeline(_policy(), _guards(FakeGuard("profanity", delay=5.0)), registry)
     started = time.perf_counter()
     (decision,) = await pipeline.run("input", [_prompt("hello")])
     assert time.perf_counter() - started < 1.0
@@ -132,72 +140,37 @@ async def test_timeout_becomes_an_error_verdict_and_blocks() -> None:
     assert decision.errors == {"profanity": "timed out after 0.2s"}
     assert decision.reasons == ["guard profanity failed: timed out after 0.2s"]
     assert decision.content_filter_results()["error"]["message"].startswith("profanity: timed")
-    assert (
-        _sample(
-            registry, "gateway_guard_errors_total", guard="profanity", stage="input", kind="timeout"
-        )
-        == 1.0
-    )
+    assert _errors(registry, "timeout") == 1.0
 
 
 async def test_a_guards_own_timeout_error_is_an_exception_not_a_timeout() -> None:
     registry = CollectorRegistry()
-    guards: dict[str, Guard] = {
-        "profanity": FakeGuard("profanity", fail=TimeoutError("upstream read timed out")),
-        "jailbreak_heuristic": FakeGuard("jailbreak_heuristic"),
-    }
+    guards = _guards(FakeGuard("profanity", fail=TimeoutError("upstream read timed out")))
     (decision,) = await GuardPipeline(_policy(), guards, registry).run("input", [_prompt("x")])
     assert decision.errors == {"profanity": "upstream read timed out"}
-    assert (
-        _sample(
-            registry,
-            "gateway_guard_errors_total",
-            guard="profanity",
-            stage="input",
-            kind="exception",
-        )
-        == 1.0
-    )
+    assert _errors(registry, "exception") == 1.0
 
 
 async def test_exception_becomes_an_error_verdict() -> None:
     registry = CollectorRegistry()
-    guards: dict[str, Guard] = {
-        "profanity": FakeGuard("profanity", fail=RuntimeError("CUDA out of memory")),
-        "jailbreak_heuristic": FakeGuard("jailbreak_heuristic"),
-    }
+    guards = _guards(FakeGuard("profanity", fail=RuntimeError("CUDA out of memory")))
     pipeline = GuardPipeline(_policy(), guards, registry)
     decisions = await pipeline.run("input", [_prompt("a"), _prompt("b")])
     assert all(d.blocked for d in decisions)
     assert all(d.errors == {"profanity": "CUDA out of memory"} for d in decisions)
-    assert (
-        _sample(
-            registry,
-            "gateway_guard_errors_total",
-            guard="profanity",
-            stage="input",
-            kind="exception",
-        )
-        == 1.0
-    )
+    assert _errors(registry, "exception") == 1.0
 
 
 async def test_on_guard_error_allow_lets_it_through() -> None:
     policy = _policy(POLICY + "on_guard_error: allow\n")
-    guards: dict[str, Guard] = {
-        "profanity": FakeGuard("profanity", fail=ValueError("bad")),
-        "jailbreak_heuristic": FakeGuard("jailbreak_heuristic"),
-    }
+    guards = _guards(FakeGuard("profanity", fail=ValueError("bad")))
     (decision,) = await GuardPipeline(policy, guards).run("input", [_prompt("x")])
     assert not decision.blocked
     assert decision.errors == {"profanity": "bad"}
 
 
 async def test_wrong_number_of_verdicts_is_an_error() -> None:
-    guards: dict[str, Guard] = {
-        "profanity": FakeGuard("profanity", count_offset=1),
-        "jailbreak_heuristic": FakeGuard("jailbreak_heuristic"),
-    }
+    guards = _guards(FakeGuard("profanity", count_offset=1))
     (decision,) = await GuardPipeline(_policy(), guards).run("input", [_prompt("x")])
     assert decision.blocked
     assert decision.errors["profanity"] == "returned 2 verdicts for 1 inputs"
@@ -211,16 +184,7 @@ async def test_required_guard_missing_fails_closed_optional_is_skipped() -> None
     (decision,) = await pipeline.run("input", [_prompt("x")])
     assert decision.blocked
     assert decision.errors == {"profanity": "guard not available (not configured)"}
-    assert (
-        _sample(
-            registry,
-            "gateway_guard_errors_total",
-            guard="profanity",
-            stage="input",
-            kind="unavailable",
-        )
-        == 1.0
-    )
+    assert _errors(registry, "unavailable") == 1.0
 
 
 async def test_output_stage_runs_output_guards_only() -> None:
@@ -251,16 +215,13 @@ async def test_for_policy_binds_a_guard_to_the_policy() -> None:
             return self
 
     text = POLICY + "excluded_categories: [S5]\n"
-    guard = PolicyAware("profanity")
-    GuardPipeline(_policy(text), {"profanity": guard, "jailbreak_heuristic": FakeGuard("j")})
+    GuardPipeline(_policy(text), _guards(PolicyAware("profanity")))
     assert seen == [["S5"]]
 
 
 async def test_guard_without_the_stage_is_unavailable_there() -> None:
     input_only = FakeGuard("profanity", stages=frozenset({"input"}))
-    pipeline = GuardPipeline(
-        _policy(), {"profanity": input_only, "jailbreak_heuristic": FakeGuard("j")}
-    )
+    pipeline = GuardPipeline(_policy(), _guards(input_only))
     item = GuardInput(stage="output", messages=(), completion="hi")
     (decision,) = await pipeline.run("output", [item])
     assert decision.errors == {"profanity": "guard not available (not configured)"}
@@ -325,8 +286,7 @@ async def test_a_regex_out_of_time_fails_closed() -> None:
     slow, fine = await pipeline.run("input", [_prompt("a" * 40 + "!"), _prompt("hello")])
     assert slow.blocked
     assert slow.errors == {"blocklist": "a regex of blocklist 'slow' ran out of time"}
-    labels = {"guard": "blocklist", "stage": "input", "kind": "item"}
-    assert pipeline.metrics.registry.get_sample_value("gateway_guard_errors_total", labels) == 1
+    assert _errors(pipeline.metrics.registry, "item", guard="blocklist") == 1
     assert not fine.blocked and fine.errors == {}
 
 
