@@ -9,6 +9,8 @@ broken with a WORD JOINER (U+2060) so they tokenize as plain text.
 from __future__ import annotations
 
 import re
+import threading
+from collections import OrderedDict
 from typing import Any
 
 from PIL.Image import Image
@@ -21,8 +23,15 @@ WORD_JOINER = "\u2060"
 class PromptRenderer:
     """Built once per processor: templated prompt text plus the images in order."""
 
+    RECENT = 64
+
     def __init__(self, processor: Any) -> None:
         self._processor = processor
+        self._lock = threading.Lock()
+        # id(turns) -> (turns, prompt, images); holding `turns` keeps the id from being reused.
+        self._recent: OrderedDict[int, tuple[tuple[ChatTurn, ...], str, list[Image]]] = (
+            OrderedDict()
+        )
         tokenizer = getattr(processor, "tokenizer", processor)
         specials = set(tokenizer.get_added_vocab()) | set(tokenizer.all_special_tokens)
         specials = {s for s in specials if len(s) > 1}
@@ -57,12 +66,26 @@ class PromptRenderer:
         return out
 
     def render(self, turns: tuple[ChatTurn, ...]) -> tuple[str, list[Image]]:
-        """The templated prompt (ending with the assistant header) and its images in order."""
-        text = self._processor.apply_chat_template(
-            self.messages(turns), add_generation_prompt=True, tokenize=False
+        """The templated prompt (ending with the assistant header) and its images in order.
+
+        One request is rendered several times (token counting at admission, then each of its
+        `n` choices): the last few results are remembered by the identity of `turns`.
+        """
+        with self._lock:
+            hit = self._recent.get(id(turns))
+            if hit is not None and hit[0] is turns:
+                return hit[1], list(hit[2])
+        text = str(
+            self._processor.apply_chat_template(
+                self.messages(turns), add_generation_prompt=True, tokenize=False
+            )
         )
         images = [img for turn in turns for img in turn.images]
-        return str(text), images
+        with self._lock:
+            self._recent[id(turns)] = (turns, text, images)
+            while len(self._recent) > self.RECENT:
+                self._recent.popitem(last=False)
+        return text, images
 
 
 def render_prompt(processor: Any, turns: tuple[ChatTurn, ...]) -> tuple[str, list[Image]]:

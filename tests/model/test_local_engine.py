@@ -237,3 +237,12 @@ def test_system_prompt_is_rendered_as_text(engine: LocalMllamaEngine) -> None:
     prompt, _ = engine.renderer.render(turns)
     assert "Be brief.\nBe kind.<|eot_id|>" in prompt
     assert "'type'" not in prompt
+
+
+def test_a_request_is_rendered_once_for_counting_and_generation(engine: LocalMllamaEngine) -> None:
+    turns = (ChatTurn("user", (TextPart("count me once"),)),)
+    first, _ = engine.renderer.render(turns)
+    again, _ = engine.renderer.render(turns)
+    assert again is first  # the remembered rendering, not a new one
+    equal_but_new = (ChatTurn("user", (TextPart("count me once"),)),)
+    assert engine.renderer.render(equal_but_new)[0] == first
