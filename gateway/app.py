@@ -14,24 +14,27 @@ import structlog
 import transformers
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from gateway import admin
 from gateway.auth import AuthService, ensure_demo_key, register_bootstrap_key
-from gateway.chat import ChatService
+from gateway.chat import ChatService, engine_failure
 from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.images import ImageLimits, ImageLoader
 from gateway.keys import KeyStore
 from gateway.logging import configure_logging
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestContextMiddleware
+from gateway.model_routes import ModelRouter
 from gateway.moderation import GuardServices
 from gateway.ratelimit import RateLimiter
 from gateway.redis_conn import RedisConnection, RedisMetrics
 from gateway.routes import router
 from gateway.settings import Settings
-from model.engine import Engine
+from model.engine import Engine, EngineOverloaded
+from model.upstream import UpstreamError
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +48,21 @@ def build_engine(settings: Settings) -> Engine:
         from model.demo_model import ensure_demo_model
 
         path = ensure_demo_model(settings.state_dir / "demo-model")
+    if settings.engine == "fast":
+        from model.fast import FastEngineConfig, FastMllamaEngine
+
+        gib = settings.engine_cache_gib
+        config = FastEngineConfig(
+            # Not the model's 131k: one slot at full context would be ~17 GB at 11B.
+            max_len=settings.context_length or 4096,
+            max_slots=settings.engine_max_slots,
+            max_waiting=settings.engine_max_waiting,
+            memory_budget_bytes=None if gib is None else int(gib * 2**30),
+            max_images_per_request=settings.max_images_per_request,
+        )
+        return FastMllamaEngine(
+            path, model_id=settings.model_id, device=settings.device, config=config
+        )
     return LocalMllamaEngine(
         path,
         model_id=settings.model_id,
@@ -85,7 +103,13 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         redis_metrics = RedisMetrics(metrics.registry)
         key_store = KeyStore.from_settings(settings, redis_conn.client, metrics=redis_metrics)
         state.redis, state.key_store = redis_conn, key_store
-        state.auth = AuthService.from_settings(key_store, settings)
+        router = ModelRouter.from_settings(settings, lambda s: engine or build_engine(s))
+        state.router = router
+        state.auth = AuthService(
+            key_store,
+            canonical_model=router.canonical_model_id,
+            failure_mode=settings.redis_failure_mode,
+        )
         state.limiter = RateLimiter.from_settings(
             settings, redis_conn.client, metrics=redis_metrics
         )
@@ -94,17 +118,13 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             register_bootstrap_key(key_store, settings, retry_interval_s=1.0)
         )
         state.guards = guards = await GuardServices.start(settings, metrics.registry)
-        served = engine or build_engine(settings)
-        await served.start()
+        await router.start()
         images = ImageLoader(ImageLimits.from_settings(settings))
-        fingerprint = (
-            "fp_"
-            + hashlib.sha256(
-                f"{settings.model_id}|{served.info.dtype}|{transformers.__version__}".encode()
-            ).hexdigest()[:10]
-        )
-        state.engine = served
-        state.chat = ChatService(settings, served, images, metrics, fingerprint, guards)
+        first = router.routes[0].engine.info
+        digest = hashlib.sha256(
+            f"{first.model_id}|{first.dtype}|{transformers.__version__}".encode()
+        ).hexdigest()
+        state.chat = ChatService(settings, router, images, metrics, f"fp_{digest[:10]}", guards)
         state.policy_exists = guards.store.__contains__
         if settings.demo_mode and not settings.bootstrap_key:
             demo_key = await ensure_demo_key(key_store, settings)
@@ -115,7 +135,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             bootstrap.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await bootstrap
-            await served.stop()
+            await router.stop()
             await images.aclose()
             await guards.stop()
             if state.background:
@@ -137,6 +157,16 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(UpstreamError)
+    @app.exception_handler(EngineOverloaded)
+    async def _engine(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(engine_failure(exc))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(_: Request, exc: ClientDisconnect) -> Response:
+        # Nobody is listening; nothing to log as a server error.
+        return Response(status_code=499)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

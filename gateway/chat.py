@@ -14,6 +14,7 @@ import structlog
 from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, ServiceUnavailable
 from gateway.images import ImageLoader
 from gateway.metrics import GatewayMetrics
+from gateway.model_routes import ModelRouter, gateway_error
 from gateway.moderation import ContentFiltered, GuardServices, policy_header
 from gateway.protocol import ChatCompletionRequest, ChatMessage, ImageContentPart
 from gateway.settings import Settings
@@ -24,12 +25,14 @@ from guards.policy import Policy
 from model.engine import (
     ChatTurn,
     Engine,
+    EngineOverloaded,
     EngineRequest,
     Finished,
     ImagePart,
     TextDelta,
     TextPart,
 )
+from model.upstream import UpstreamError
 
 log = structlog.get_logger(__name__)
 
@@ -42,6 +45,7 @@ class PreparedChat:
     completion_id: str
     created: int
     model_id: str
+    engine: Engine
     engine_requests: list[EngineRequest]
     turns: tuple[ChatTurn, ...]
     policy: Policy
@@ -80,7 +84,7 @@ class ChatService:
     def __init__(
         self,
         settings: Settings,
-        engine: Engine,
+        router: ModelRouter,
         images: ImageLoader,
         metrics: GatewayMetrics,
         system_fingerprint: str,
@@ -88,7 +92,7 @@ class ChatService:
     ) -> None:
         self._settings = settings
         self._guards = guards
-        self._engine = engine
+        self._router = router
         self._images = images
         self._metrics = metrics
         self.system_fingerprint = system_fingerprint
@@ -105,22 +109,27 @@ class ChatService:
         request, unknown = ChatCompletionRequest.parse(body)
         if unknown:
             log.info("unknown_request_fields_ignored", fields=sorted(unknown))
-        model_id = self._settings.canonical_model_id(request.model)
-        if model_id is None:
+        route = self._router.resolve(request.model)
+        if route is None:
             raise ModelNotFound(
                 f"The model '{request.model}' does not exist or you do not have access to it.",
                 param="model",
             )
+        model_id, engine = route.model, route.engine
         if authorize is not None:
             authorize(model_id)
-        policy = self._guards.policy(policy_name)
+        # The key's policy wins; else the route's; else the default.
+        policy = self._guards.policy(policy_name or route.policy)
         self._check_counts(request)
-        if not self._engine.ready():
+        if not engine.ready():
             raise ServiceUnavailable("The model engine is not ready yet; retry shortly.")
         turns = await self._turns(request.messages)
         probe = EngineRequest("probe", turns, request.sampling_params(1))
-        prompt_tokens = await asyncio.to_thread(self._engine.count_prompt_tokens, probe)
-        max_tokens = self._max_tokens(request, prompt_tokens)
+        if getattr(engine, "cheap_token_count", False):
+            prompt_tokens = engine.count_prompt_tokens(probe)
+        else:  # tokenizing a long prompt must not block the event loop
+            prompt_tokens = await asyncio.to_thread(engine.count_prompt_tokens, probe)
+        max_tokens = self._max_tokens(request, prompt_tokens, engine.info.context_length)
         completion_id = f"chat-{secrets.token_hex(16)}"
         engine_requests = [
             EngineRequest(f"{completion_id}-{i}", turns, request.sampling_params(max_tokens, i))
@@ -131,6 +140,7 @@ class ChatService:
             completion_id=completion_id,
             created=int(time.time()),
             model_id=model_id,
+            engine=engine,
             engine_requests=engine_requests,
             turns=turns,
             policy=policy,
@@ -173,8 +183,7 @@ class ChatService:
             turns.append(ChatTurn(role, parts))
         return tuple(turns)
 
-    def _max_tokens(self, request: ChatCompletionRequest, prompt_tokens: int) -> int:
-        context = self._engine.info.context_length
+    def _max_tokens(self, request: ChatCompletionRequest, prompt_tokens: int, context: int) -> int:
         room = context - prompt_tokens
         asked = request.requested_max_tokens
         if asked is None:
@@ -240,7 +249,7 @@ class ChatService:
     async def _collect(self, chat: PreparedChat, request: EngineRequest) -> tuple[str, Finished]:
         pieces: list[str] = []
         first = True
-        async for event in self._engine.generate(request):
+        async for event in chat.engine.generate(request):
             if isinstance(event, TextDelta):
                 if first:
                     self.observe_first_token(chat)
@@ -250,16 +259,27 @@ class ChatService:
                 return "".join(pieces), checked_finish(event)
         raise EngineFailed("The engine ended the stream without a finish event.")
 
-    @property
-    def engine(self) -> Engine:
-        return self._engine
-
     def observe_first_token(self, chat: PreparedChat) -> None:
         self._metrics.time_to_first_token.observe(time.perf_counter() - chat.started)
 
     def count_tokens(self, prompt_tokens: int, completion_tokens: int) -> None:
         self._metrics.tokens_in.inc(prompt_tokens)
         self._metrics.tokens_out.inc(completion_tokens)
+
+
+def engine_failure(exc: BaseException) -> GatewayError:
+    """An engine's exception as the client's error: upstream 502/503/504, overload 503."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, UpstreamError):
+        return gateway_error(exc)
+    if isinstance(exc, EngineOverloaded):
+        return ServiceUnavailable(
+            f"The model engine is at capacity ({exc}); retry shortly.",
+            code="engine_overloaded",
+            headers={"Retry-After": "1"},
+        )
+    return EngineFailed(f"The model failed to generate: {type(exc).__name__}: {exc}")
 
 
 def checked_finish(event: Finished) -> Finished:

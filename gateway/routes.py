@@ -105,7 +105,7 @@ def _model_card(model_id: str, created: int) -> dict[str, Any]:
 async def list_models(request: Request) -> dict[str, Any]:
     state = request.app.state
     await state.auth.authenticate(request.headers.get("authorization"))
-    cards = [_model_card(m, state.started) for m in state.settings.served_model_ids()]
+    cards = [_model_card(m, state.started) for m in state.router.model_ids()]
     return {"object": "list", "data": cards}
 
 
@@ -113,7 +113,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     state = request.app.state
     await state.auth.authenticate(request.headers.get("authorization"))
-    canonical = state.settings.canonical_model_id(model_id)
+    canonical = state.router.canonical_model_id(model_id)
     if canonical is None:
         raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
     return _model_card(canonical, state.started)
@@ -127,11 +127,13 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", response_model=None)
 async def readyz(request: Request) -> Response:
     state = request.app.state
-    engine = getattr(state, "engine", None)
+    router = getattr(state, "router", None)
     redis = getattr(state, "redis", None)
     reasons: dict[str, str] = {}
-    if engine is None or not engine.ready():
+    if router is None:
         reasons["engine"] = "the model engine is not loaded"
+    elif down := router.not_ready():
+        reasons["engine"] = "not ready: " + ", ".join(down)
     if redis is None:
         reasons["redis"] = "redis is not connected"
     elif (problem := await redis.check()) is not None:

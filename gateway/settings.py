@@ -46,13 +46,20 @@ class Settings(LimitsSettings):
     port: int = 8000
     state_dir: Path = Field(default_factory=lambda: Path.home() / ".local/state/llama-gateway")
 
-    # The model
+    # The model(s): the local engine, and/or the routes file of upstream engines.
     model_path: Path | None = None
+    routes_file: Path | None = None
     model_id: str = DEFAULT_MODEL_ID
     model_aliases: list[str] = Field(
         default_factory=lambda: ["meta-llama/Llama-3.2-11B-Vision-Instruct"]
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # "batch": transformers forward passes, requests batched between batches (proven, simple).
+    # "fast": own decode loop with slot KV cache and continuous batching (model/fast).
+    engine: Literal["batch", "fast"] = "batch"
+    engine_cache_gib: float | None = None  # fast engine: KV memory budget (None: from free)
+    engine_max_slots: int = 64
+    engine_max_waiting: int = 256  # fast engine: queued requests beyond this get 503
     max_batch_size: int = 8
     default_max_tokens: int = 512
     # Upper bound for max_tokens when the client sends none and the context is smaller.
@@ -85,10 +92,7 @@ class Settings(LimitsSettings):
 
     @property
     def demo_mode(self) -> bool:
-        return self.model_path is None
-
-    def served_model_ids(self) -> list[str]:
-        return [self.model_id]
+        return self.model_path is None and self.routes_file is None
 
     def canonical_model_id(self, requested: str) -> str | None:
         """The canonical id for a requested name or alias, or None when not served."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from gateway.chat import ChatService, PreparedChat, checked_finish, usage_body
+from gateway.chat import ChatService, PreparedChat, checked_finish, engine_failure, usage_body
 from gateway.errors import GatewayError
 from guards.base import GuardInput
 from guards.decision import Decision
@@ -56,7 +56,7 @@ class ChoiceStream:
 async def stream_chat(service: ChatService, chat: PreparedChat) -> AsyncIterator[bytes]:
     """SSE bytes per the contract; closing this iterator cancels generation."""
     queue: asyncio.Queue[tuple[int, EngineEvent | BaseException]] = asyncio.Queue()
-    engine = service.engine
+    engine = chat.engine
     tasks = [
         asyncio.create_task(_pump(i, engine.generate(r), queue.put))
         for i, r in enumerate(chat.engine_requests)
@@ -104,7 +104,7 @@ async def stream_chat(service: ChatService, chat: PreparedChat) -> AsyncIterator
             if not choice.open:
                 continue  # events already queued before the choice was closed
             if isinstance(event, BaseException):
-                raise event
+                raise engine_failure(event)
             if isinstance(event, TextDelta):
                 choice.deltas += 1
                 chat.completion_tokens += 1

@@ -237,7 +237,7 @@ def test_request_id_is_echoed(live_gateway) -> None:  # type: ignore[no-untyped-
 def test_client_disconnect_frees_the_engine(live_gateway) -> None:  # type: ignore[no-untyped-def]
     import time
 
-    engine = live_gateway.server.config.app.state.engine
+    engine = live_gateway.server.config.app.state.router.routes[0].engine
     body = {
         "model": MODEL,
         # Greedy on this prompt runs to max_tokens on the demo model.
@@ -276,7 +276,7 @@ def test_event_loop_answers_while_the_model_works(live_gateway) -> None:  # type
         )
     )
     worker.start()
-    engine = live_gateway.server.config.app.state.engine
+    engine = live_gateway.server.config.app.state.router.routes[0].engine
     while engine.scheduler.active_count == 0 and worker.is_alive():
         pass
     # Model work runs in the scheduler's thread: health checks are answered meanwhile.

@@ -1,0 +1,400 @@
+"""Continuous batching: one worker thread steps every admitted request together.
+
+Each step, in this order:
+
+1. Reap: cancelled requests finish and give their slot back; waiting requests take free slots
+   (FIFO). A request submitted while others decode joins at the next step, never waits for the
+   batch to drain.
+2. Decode: one token for every request past its prefill, in one `[n, 1]` forward over slots
+   `0..n-1` (slots are handed out lowest first, so the busy ones are packed at the front).
+3. Vision: the images of the oldest newcomers go through the encoder (at most
+   `vision_tiles_per_step` tiles, at least one request's), unless their hash is cached; their
+   cross-attention K/V are written into the slot once.
+4. Prefill: the oldest newcomers' next prompt tokens in one right-padded forward of at most
+   `prefill_chunk_tokens` (rows x widest chunk) and `max_prefill_seqs` rows. A long prompt
+   thus takes several steps, each with a decode step of the others in between; a request
+   whose prompt is complete samples its first token right away.
+
+Image and text-only requests share the batch: the forward's cross-attention row gate makes a
+text row's output independent of its neighbours (see `model.fast.forward`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+
+import structlog
+import torch
+
+from model.detokenizer import Decoder, IncrementalDetokenizer
+from model.engine import EngineEvent, EngineOverloaded, EngineRequest, FinishReason, TextDelta
+from model.fast.config import FastEngineConfig
+from model.fast.forward import FastForward, PrefillChunk, make_decode_inputs
+from model.fast.graphs import DecodeGraphs
+from model.fast.kv_cache import ImageStateCache, StaticKVCache
+from model.fast.sampling import SlotSampler
+from model.fast.sequence import FastSequence, PreparedImages, RequestTooLarge
+
+log = structlog.get_logger(__name__)
+
+
+class ContinuousBatcher:
+    def __init__(
+        self,
+        forward: FastForward,
+        cache: StaticKVCache,
+        sampler: SlotSampler,
+        decoder: Decoder,
+        eos_token_ids: Iterable[int],
+        config: FastEngineConfig,
+        *,
+        image_cache: ImageStateCache | None = None,
+        graphs: DecodeGraphs | None = None,
+    ) -> None:
+        self.forward = forward
+        self.cache = cache
+        self.sampler = sampler
+        self.decoder = decoder
+        self.eos = frozenset(eos_token_ids)
+        self.config = config
+        self.image_cache = image_cache
+        self.graphs = graphs
+        self._waiting: deque[FastSequence] = deque()
+        self._running: list[FastSequence] = []  # slot holders, in admission order
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._paused = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.max_running = 0
+        # Hooks for tests and metrics, called in the worker thread.
+        self.on_step: Callable[[ContinuousBatcher], None] | None = None
+        self.on_finish: Callable[[FastSequence], None] | None = None
+
+    # -- interface -------------------------------------------------------------------------
+    def new_sequence(
+        self,
+        request: EngineRequest,
+        input_ids: torch.Tensor,
+        emit: Callable[[EngineEvent], None],
+        *,
+        tile_mask: torch.Tensor | None = None,
+        images: PreparedImages | None = None,
+    ) -> FastSequence:
+        return FastSequence(
+            request=request,
+            emit=emit,
+            detok=IncrementalDetokenizer(self.decoder, request.sampling.stop),
+            input_ids=input_ids,
+            tile_mask=tile_mask,
+            images=images,
+        )
+
+    def check_fits(self, seq: FastSequence) -> None:
+        """Raise `RequestTooLarge` when the request can never fit in a slot."""
+        max_len = self.cache.geometry.max_len
+        need = seq.prompt_tokens + seq.request.sampling.max_tokens
+        if need > max_len:
+            raise RequestTooLarge(
+                f"the request needs {need} tokens of context; a slot holds {max_len}"
+            )
+        images = len(seq.images.keys) if seq.images is not None else 0
+        if images > self.cache.geometry.max_images:
+            raise RequestTooLarge(
+                f"the request has {images} images; a slot holds {self.cache.geometry.max_images}"
+            )
+
+    def submit(self, seq: FastSequence) -> None:
+        """Queue a request for the next step; raise `EngineOverloaded` when there is no room."""
+        self.check_fits(seq)
+        with self._cond:
+            if self._stopping:
+                seq.finish("error", "the engine is shutting down")
+                return
+            if len(self._waiting) >= self.cache.free_slots + self.config.max_waiting:
+                raise EngineOverloaded(
+                    f"all {self.cache.slots} slots are busy and {len(self._waiting)} requests "
+                    "are waiting"
+                )
+            self._waiting.append(seq)
+            self._cond.notify()
+
+    def cancel(self, seq: FastSequence) -> None:
+        """Mark cancelled; the worker frees its slot (or queue place) at the next step."""
+        seq.cancelled = True
+        with self._cond:
+            self._cond.notify()
+
+    def pause(self) -> None:
+        """Hold the worker before its next step (requests still queue); `resume` lets it go.
+
+        Lets a caller line several requests up for the same step (tests, benchmarks).
+        """
+        with self._cond:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    @property
+    def active_count(self) -> int:
+        """Requests holding a slot."""
+        return sum(1 for s in self._running if not s.done)
+
+    @property
+    def waiting_count(self) -> int:
+        return len(self._waiting)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="mllama-fast", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            for seq in [*self._waiting, *self._running]:
+                seq.cancelled = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- worker ----------------------------------------------------------------------------
+    def _work(self) -> None:
+        with torch.inference_mode():  # thread-local: set in the worker itself
+            while self._admit():
+                try:
+                    self._step()
+                except Exception as exc:  # the model failed: fail these requests, keep serving
+                    log.exception("fast_step_failed", running=len(self._running))
+                    for seq in list(self._running):
+                        self._release(seq)
+                        seq.finish("error", f"{type(exc).__name__}: {exc}")
+                finally:
+                    self.steps += 1
+                    if self.on_step is not None:
+                        self.on_step(self)
+            with self._cond:
+                for seq in [*self._waiting, *self._running]:
+                    seq.finish("cancelled")
+                self._waiting.clear()
+
+    def _admit(self) -> bool:
+        """Reap cancelled requests and fill free slots; wait for work. False: stop."""
+        with self._cond:
+            while True:
+                for seq in [s for s in self._waiting if s.cancelled]:
+                    self._waiting.remove(seq)
+                    seq.finish("cancelled")
+                for seq in [s for s in self._running if s.cancelled]:
+                    self._release_locked(seq)
+                    seq.finish("cancelled")
+                if self._stopping:
+                    return False
+                if self._paused:
+                    self._cond.wait()
+                    continue
+                while self._waiting and self.cache.free_slots:
+                    seq = self._waiting.popleft()
+                    slot = self.cache.allocate()
+                    assert slot is not None
+                    seq.slot = slot
+                    seq.admitted_step = self.steps
+                    seq.vision_ready = seq.images is None
+                    self.cache.set_vision_mask(slot, None)
+                    self.sampler.reset(slot, seq.request.sampling)
+                    self._running.append(seq)
+                self.max_running = max(self.max_running, len(self._running))
+                if self._running:
+                    return True
+                self._cond.wait()
+
+    def _release(self, seq: FastSequence) -> None:
+        with self._cond:
+            self._release_locked(seq)
+
+    def _release_locked(self, seq: FastSequence) -> None:
+        if seq in self._running:
+            self._running.remove(seq)
+        if seq.slot is not None:
+            self.cache.release(seq.slot)
+            seq.slot = None
+
+    def _step(self) -> None:
+        decoding = [s for s in self._running if s.decoding]
+        if decoding:
+            self._decode(decoding)
+        self._encode_vision()
+        self._prefill()
+
+    # -- token handling ----------------------------------------------------------------------
+    def _accept(self, seq: FastSequence, token: int) -> None:
+        """Record one sampled token; finish the request or keep it for the next decode step."""
+        seq.completion_tokens += 1
+        seq.output_ids.append(token)
+        seq.last_token = None
+        if seq.first_token_step is None:
+            seq.first_token_step = self.steps
+            seq.first_token_at = time.perf_counter()
+        reason: FinishReason | None = None
+        if token in self.eos:
+            reason = "stop"
+        else:
+            delta = seq.detok.add(token)
+            if delta:
+                seq.emit(TextDelta(delta))
+            if seq.detok.stopped:
+                reason = "stop"
+            elif seq.completion_tokens >= seq.request.sampling.max_tokens:
+                reason = "length"
+        if reason is None:
+            seq.last_token = token
+            return
+        seq.finish_step = self.steps
+        seq.finished_at = time.perf_counter()
+        # Free the slot before the last event goes out: whoever reads `Finished` sees it free.
+        self._release(seq)
+        if self.on_finish is not None:  # before the event, so that its reader sees the record
+            self.on_finish(seq)
+        seq.finish(reason)
+
+    # -- decode ------------------------------------------------------------------------------
+    def _decode(self, decoding: list[FastSequence]) -> None:
+        by_slot = {s.slot: s for s in decoding if s.slot is not None and s.last_token is not None}
+        n = max(by_slot) + 1
+        kv_len = max(s.cached for s in decoding) + 1
+        vision_len = max(s.vision_tokens for s in decoding)
+        if self.graphs is not None:
+            n, kv_len, vision_len = self.graphs.bucket(n, kv_len, vision_len)
+        rows = {slot: (int(seq.last_token or 0), seq.cached) for slot, seq in by_slot.items()}
+        device = self.forward.device
+        inputs = make_decode_inputs(
+            self.cache, rows, n=n, kv_len=kv_len, vision_len=vision_len, dtype=self.forward.dtype
+        )
+        run = self.graphs.run if self.graphs is not None else self.forward.decode
+        logits = run(inputs)
+        slots = sorted(by_slot)
+        index = torch.tensor(slots, dtype=torch.long, device=device)
+        chosen = self.sampler.sample(logits.index_select(0, index), slots)
+        for slot, token in zip(slots, chosen, strict=True):
+            seq = by_slot[slot]
+            seq.cached += 1
+            self._accept(seq, token)
+
+    # -- vision ------------------------------------------------------------------------------
+    def _encode_vision(self) -> None:
+        """Encode the oldest newcomers' images in one vision call (up to the tile budget)."""
+        chosen: list[FastSequence] = []
+        tiles = 0
+        for seq in self._running:
+            if seq.vision_ready or seq.done or seq.images is None or seq.slot is None:
+                continue
+            need = sum(seq.images.tiles)
+            if chosen and tiles + need > self.config.vision_tiles_per_step:
+                break
+            chosen.append(seq)
+            tiles += need
+        if not chosen:
+            return
+        states = self._vision_states([s.images for s in chosen if s.images is not None])
+        for seq, per_image in zip(chosen, states, strict=True):
+            assert seq.slot is not None and seq.tile_mask is not None
+            joined = torch.cat(per_image, dim=0)
+            self.forward.write_cross_kv(seq.slot, joined)
+            seq.vision_tokens = int(joined.shape[0])
+            last = seq.tile_mask[-1].repeat_interleave(self.forward.tokens_per_tile)
+            self.cache.set_vision_mask(seq.slot, last.to(self.forward.device))
+            seq.vision_ready = True
+
+    def _vision_states(self, requests: list[PreparedImages]) -> list[list[torch.Tensor]]:
+        """Projected states of every image of every request: cached, or encoded in one call.
+
+        The encoder treats each image on its own, so images of different requests can share a
+        call (the processor pads every image to `max_num_tiles`, so their tensors stack).
+        """
+        cache = self.image_cache
+        found: dict[bytes, torch.Tensor] = {}
+        missing: dict[bytes, tuple[int, int]] = {}  # key -> (request, image) to encode
+        for r, images in enumerate(requests):
+            for i, key in enumerate(images.keys):
+                if key in found or key in missing:
+                    continue
+                hit = cache.get(key) if cache is not None else None
+                if hit is not None:
+                    found[key] = hit
+                else:
+                    missing[key] = (r, i)
+        if missing:
+            where = list(missing.values())
+
+            def stack(name: str) -> torch.Tensor:
+                return torch.cat(
+                    [getattr(requests[r], name)[:, i : i + 1] for r, i in where], dim=1
+                )
+
+            encoded = self.forward.encode_images(
+                stack("pixel_values"), stack("aspect_ratio_ids"), stack("aspect_ratio_mask")
+            )
+            for key, got in zip(missing, encoded, strict=True):
+                found[key] = got
+                if cache is not None:
+                    cache.put(key, got)
+        return [[found[key] for key in images.keys] for images in requests]
+
+    # -- prefill -----------------------------------------------------------------------------
+    def _prefill(self) -> None:
+        budget = self.config.prefill_chunk_tokens
+        chunks: list[PrefillChunk] = []
+        owners: list[FastSequence] = []
+        device = self.forward.device
+        width = 0  # the batch is right-padded to its widest chunk
+        for seq in self._running:
+            if len(chunks) >= self.config.max_prefill_seqs:
+                break
+            if seq.done or seq.slot is None or not seq.vision_ready:
+                continue
+            remaining = seq.prompt_tokens - seq.cached
+            if remaining <= 0:
+                continue
+            # Bound the padded area (rows x width), which is what the step computes, by the
+            # budget: one more row may be at most budget // rows wide, and never narrows the
+            # rows already taken below their width.
+            cap = budget // (len(chunks) + 1)
+            if cap < width:
+                break
+            take = min(remaining, cap)
+            width = max(width, take)
+            start = seq.cached
+            vision_mask = None
+            if seq.tile_mask is not None and seq.vision_tokens:
+                rows = seq.tile_mask[start : start + take]
+                vision_mask = rows.repeat_interleave(self.forward.tokens_per_tile, dim=1)
+                vision_mask = vision_mask.to(device)
+            chunks.append(
+                PrefillChunk(
+                    slot=seq.slot,
+                    tokens=seq.input_ids[start : start + take].to(device),
+                    start=start,
+                    vision_mask=vision_mask,
+                    want_logits=start + take == seq.prompt_tokens,
+                )
+            )
+            owners.append(seq)
+        if not chunks:
+            return
+        logits = self.forward.prefill(chunks)
+        finishing: list[FastSequence] = []
+        for seq, chunk in zip(owners, chunks, strict=True):
+            seq.cached += int(chunk.tokens.shape[0])
+            seq.prefill_chunks += 1
+            if chunk.want_logits:
+                finishing.append(seq)
+        if finishing:
+            slots = [s.slot for s in finishing if s.slot is not None]
+            chosen = self.sampler.sample(logits, slots)
+            for seq, token in zip(finishing, chosen, strict=True):
+                self._accept(seq, token)

@@ -1,0 +1,47 @@
+"""Settings of the fast engine (sizes, budgets and scheduling knobs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class FastEngineConfig:
+    # Context of one slot (prompt + completion); also the engine's `context_length`.
+    max_len: int = 4096
+    # Upper bound on slots, whatever the budget pays for.
+    max_slots: int = 64
+    # Bytes for the static caches. None: on CUDA, `gpu_memory_fraction` of the memory free after
+    # loading, minus `activation_reserve_bytes`; on the CPU, `cpu_budget_bytes`.
+    memory_budget_bytes: int | None = None
+    gpu_memory_fraction: float = 0.9
+    # Left free for activations: prefill chunks, the vision encoder, CUDA graph pools.
+    activation_reserve_bytes: int = 6 * GIB
+    cpu_budget_bytes: int = 1 * GIB
+    # Images one request may carry (each up to max_num_tiles tiles, room reserved per slot).
+    max_images_per_request: int = 1
+    # Prompt tokens prefilled per step, over at most `max_prefill_seqs` requests: a long prompt
+    # takes several steps, and running streams get a decode step between its chunks.
+    prefill_chunk_tokens: int = 512
+    max_prefill_seqs: int = 8
+    # Tiles through the vision encoder per step (at least one request's images).
+    vision_tiles_per_step: int = 8
+    # Requests that may wait for a slot; beyond that `generate` raises EngineOverloaded.
+    max_waiting: int = 256
+    # Projected vision states kept by image hash (0 disables the cache).
+    image_cache_bytes: int = 1 * GIB
+    # GPU only (ignored on the CPU): CUDA graphs for the decode step, optionally compiled.
+    cuda_graphs: bool = True
+    compile_decode: bool = False
+    graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    graph_min_kv_len: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_len < 2:
+            raise ValueError("max_len must be at least 2")
+        if self.prefill_chunk_tokens < 1 or self.max_prefill_seqs < 1:
+            raise ValueError("prefill_chunk_tokens and max_prefill_seqs must be positive")
+        if self.max_images_per_request < 0 or self.max_waiting < 0:
+            raise ValueError("max_images_per_request and max_waiting must not be negative")

@@ -1,0 +1,281 @@
+"""`FastMllamaEngine`: the `Engine` interface over the fast forward and continuous batching.
+
+Loading is unchanged (`AutoProcessor` and `MllamaForConditionalGeneration.from_pretrained`, bf16
+on CUDA, float32 on the CPU); only the decode loop is ours. The static caches are sized once at
+start from a memory budget. The event loop never waits on the model: the processor runs in a
+thread (`asyncio.to_thread`), the model in the batcher's worker thread, and events come back
+through an `asyncio.Queue`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+from PIL.Image import Image
+
+from model.engine import EngineError, EngineEvent, EngineInfo, EngineRequest, Finished
+from model.fast.batching import ContinuousBatcher
+from model.fast.config import FastEngineConfig
+from model.fast.forward import FastForward
+from model.fast.graphs import DecodeGraphs
+from model.fast.kv_cache import CacheGeometry, ImageStateCache, StaticKVCache, plan_slots
+from model.fast.sampling import SlotSampler
+from model.fast.sequence import PreparedImages
+from model.local_engine import END_TOKENS, pick_device
+from model.prompt import PromptRenderer
+from model.scheduler import queue_emitter
+
+log = structlog.get_logger(__name__)
+
+
+def image_key(image: Image) -> bytes:
+    """A content hash of a decoded image (mode, size and pixels)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
+    digest.update(image.tobytes())
+    return digest.digest()
+
+
+def eos_ids(processor: Any, model: Any) -> set[int]:
+    """End-of-turn ids: the Llama 3 end tokens the tokenizer knows, plus the generation config's."""
+    tokenizer = processor.tokenizer
+    eos = {tid for t in END_TOKENS if (tid := tokenizer.convert_tokens_to_ids(t)) is not None}
+    eos.discard(tokenizer.unk_token_id)
+    gen_eos = model.generation_config.eos_token_id
+    eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos else [])
+    return eos
+
+
+class FastMllamaEngine:
+    """`Engine` over a local Mllama checkpoint: static slots, continuous batching."""
+
+    def __init__(
+        self,
+        model_path: Path | None,
+        *,
+        model_id: str,
+        device: str = "auto",
+        config: FastEngineConfig | None = None,
+        eos_token_ids: Iterable[int] | None = None,
+    ) -> None:
+        self._path = Path(model_path) if model_path is not None else None
+        self._model_id = model_id
+        self._device = pick_device(device)
+        self._dtype = torch.bfloat16 if self._device.type == "cuda" else torch.float32
+        self.config = config or FastEngineConfig()
+        self._eos_override = None if eos_token_ids is None else set(eos_token_ids)
+        self._processor: Any = None
+        self._model: Any = None
+        self._renderer: PromptRenderer | None = None
+        self._batcher: ContinuousBatcher | None = None
+        self._graphs: DecodeGraphs | None = None
+        self._slots = 0
+        self._max_len = self.config.max_len
+        # The tokenizer's Rust state is not safe to use from two threads at once.
+        self._processor_lock = threading.Lock()
+
+    @classmethod
+    def from_loaded(
+        cls,
+        model: Any,
+        processor: Any,
+        *,
+        model_id: str,
+        config: FastEngineConfig | None = None,
+        eos_token_ids: Iterable[int] | None = None,
+    ) -> FastMllamaEngine:
+        """An engine over an already loaded model and processor (tests, benchmarks)."""
+        param = next(model.parameters())
+        engine = cls(None, model_id=model_id, config=config, eos_token_ids=eos_token_ids)
+        engine._device, engine._dtype = param.device, param.dtype
+        engine._model, engine._processor = model, processor
+        return engine
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        await asyncio.to_thread(self._load)
+        log.info(
+            "engine_ready",
+            engine="fast",
+            device=str(self._device),
+            dtype=str(self._dtype),
+            slots=self._slots,
+            max_len=self._max_len,
+        )
+
+    def _load(self) -> None:
+        if self._model is None:
+            from transformers import AutoProcessor, MllamaForConditionalGeneration
+
+            if self._path is None:
+                raise EngineError("no model path and no loaded model")
+            processor = AutoProcessor.from_pretrained(self._path)
+            model = MllamaForConditionalGeneration.from_pretrained(self._path, dtype=self._dtype)
+            self._model = model.to(self._device).eval()  # type: ignore[arg-type]
+            self._processor = processor
+        model, processor = self._model, self._processor
+        text = model.config.get_text_config(decoder=True)
+        self._max_len = min(self.config.max_len, int(text.max_position_embeddings))
+        geometry = CacheGeometry.from_model(
+            model,
+            max_len=self._max_len,
+            max_images=self.config.max_images_per_request,
+            dtype=self._dtype,
+        )
+        budget = self._budget()
+        slots = plan_slots(geometry, budget, self.config.max_slots)
+        if slots < 1:
+            raise EngineError(
+                f"a cache budget of {budget} bytes pays for no slot "
+                f"({geometry.bytes_per_slot} bytes each): lower max_len or raise the budget"
+            )
+        cache = StaticKVCache(geometry, slots, self._device)
+        forward = FastForward(model, cache)
+        if self._device.type == "cuda" and self.config.cuda_graphs:
+            self._graphs = DecodeGraphs(
+                forward,
+                batch_sizes=self.config.graph_batch_sizes,
+                min_kv_len=self.config.graph_min_kv_len,
+                compile_decode=self.config.compile_decode,
+            )
+        image_cache = None
+        if self.config.image_cache_bytes > 0:
+            image_cache = ImageStateCache(self.config.image_cache_bytes)
+        eos = self._eos_override if self._eos_override is not None else eos_ids(processor, model)
+        self._batcher = ContinuousBatcher(
+            forward,
+            cache,
+            SlotSampler(slots, geometry.vocab_size, self._device),
+            processor.tokenizer,
+            eos,
+            self.config,
+            image_cache=image_cache,
+            graphs=self._graphs,
+        )
+        self._renderer = PromptRenderer(processor)
+        self._slots = slots
+        self._batcher.start()
+
+    def _budget(self) -> int:
+        if self.config.memory_budget_bytes is not None:
+            return self.config.memory_budget_bytes
+        if self._device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self._device)
+            return (
+                int(free * self.config.gpu_memory_fraction) - self.config.activation_reserve_bytes
+            )
+        return self.config.cpu_budget_bytes
+
+    async def stop(self) -> None:
+        if self._batcher is not None:
+            await asyncio.to_thread(self._batcher.stop)
+
+    def ready(self) -> bool:
+        return self._batcher is not None
+
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            model_id=self._model_id,
+            context_length=self._max_len,
+            max_batch_size=self._slots,
+            device=str(self._device),
+            dtype=str(self._dtype).removeprefix("torch."),
+            extra={
+                "engine": "fast",
+                "slots": str(self._slots),
+                "cuda_graphs": str(self._graphs is not None).lower(),
+            },
+        )
+
+    @property
+    def batcher(self) -> ContinuousBatcher:
+        if self._batcher is None:
+            raise EngineError("the engine is not loaded yet")
+        return self._batcher
+
+    @property
+    def renderer(self) -> PromptRenderer:
+        if self._renderer is None:
+            raise EngineError("the engine is not loaded yet")
+        return self._renderer
+
+    @property
+    def processor(self) -> Any:
+        return self._processor
+
+    @property
+    def model(self) -> Any:
+        return self._model
+
+    @property
+    def graphs(self) -> DecodeGraphs | None:
+        return self._graphs
+
+    # -- requests ----------------------------------------------------------------------------
+    def count_prompt_tokens(self, request: EngineRequest) -> int:
+        prompt, _ = self.renderer.render(request.messages)
+        with self._processor_lock:
+            ids = self._processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return len(ids)
+
+    def prepare(
+        self, prompt: str, images: list[Image]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, PreparedImages | None]:
+        """Token ids, per-token tile mask and image tensors of one templated prompt (CPU)."""
+        with self._processor_lock:
+            encoded = self._processor(
+                text=[prompt],
+                images=[images] if images else None,  # nested per request
+                add_special_tokens=False,
+                return_tensors="pt",
+            )
+        input_ids = encoded["input_ids"][0]
+        if not images:
+            return input_ids, None, None
+        ratio_mask = encoded["aspect_ratio_mask"]
+        tiles = [int(n) for n in ratio_mask[0].sum(dim=-1).tolist()]
+        dense = encoded["cross_attention_mask"][0]  # [T, images, max_tiles]
+        # Real tiles only, images in order: the layout of the slot's cross-attention K/V.
+        tile_mask = torch.cat([dense[:, i, :n] for i, n in enumerate(tiles)], dim=1).bool()
+        prepared = PreparedImages(
+            pixel_values=encoded["pixel_values"],
+            aspect_ratio_ids=encoded["aspect_ratio_ids"],
+            aspect_ratio_mask=ratio_mask,
+            keys=[image_key(img) for img in images],
+        )
+        return input_ids, tile_mask, prepared
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        """Stream text deltas, then one `Finished`; raises `EngineOverloaded` when full."""
+        batcher = self.batcher
+        prompt, images = self.renderer.render(request.messages)
+        try:
+            input_ids, tile_mask, prepared = await asyncio.to_thread(self.prepare, prompt, images)
+        except Exception as exc:  # an image the processor cannot take
+            log.warning("fast_prepare_failed", error=str(exc))
+            yield Finished("error", 0, 0, f"{type(exc).__name__}: {exc}")
+            return
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        seq = batcher.new_sequence(
+            request, input_ids, queue_emitter(loop, queue), tile_mask=tile_mask, images=prepared
+        )
+        batcher.submit(seq)  # EngineOverloaded (or RequestTooLarge) goes to the caller
+        try:
+            while True:
+                event = await queue.get()
+                yield event
+                if isinstance(event, Finished):
+                    return
+        finally:
+            # Client gone, generator closed or task cancelled: free the slot at the next step.
+            if not seq.done:
+                batcher.cancel(seq)

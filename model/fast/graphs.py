@@ -1,0 +1,127 @@
+"""CUDA graphs for the decode step.  GPU ONLY, UNTESTED: written without a GPU; the CPU never
+takes this path (`FastEngineConfig.cuda_graphs` is ignored off CUDA). Run `bench/engine_gpu.py`
+on a GPU before trusting it; if it fails, set `cuda_graphs=False` (eager decode, tested).
+
+At batch 1 an 11B decode step is ~600 small kernels, and launching them from Python costs more
+than running them. A graph per shape bucket replays them in one launch. Shapes are bucketed so a
+handful of graphs cover all steps: rows `n` round up to `graph_batch_sizes` (extra rows are
+idle: they write to the scratch column and are discarded), `kv_len` to a power of two (at least
+`graph_min_kv_len`, at most `max_len + 1`), and the vision length is either 0 (no row sees an
+image: cross-attention layers skipped) or the slot's full vision capacity (rows masked).
+
+`compile_decode` additionally runs the decode function through `torch.compile` (no dynamic
+shapes) before capture; each bucket then compiles once (tens of seconds per shape on 11B).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+
+from model.fast.forward import DecodeInputs, FastForward
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    inputs: DecodeInputs  # static buffers the graph reads
+    logits: torch.Tensor  # static buffer the graph writes
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        forward: FastForward,
+        *,
+        batch_sizes: tuple[int, ...],
+        min_kv_len: int,
+        compile_decode: bool = False,
+    ) -> None:
+        if forward.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.forward = forward
+        geometry = forward.cache.geometry
+        slots = forward.cache.slots
+        self.batch_sizes = sorted({b for b in batch_sizes if b < slots} | {slots})
+        self.max_kv = geometry.max_len + 1
+        self.min_kv = min(min_kv_len, self.max_kv)
+        self.max_vision = geometry.max_vision_tokens
+        self._fn: Callable[[DecodeInputs], torch.Tensor] = forward.decode
+        if compile_decode:
+            self._fn = torch.compile(forward.decode, dynamic=False)  # type: ignore[assignment]
+        self._graphs: dict[tuple[int, int, int], _Captured] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+
+    def bucket(self, n: int, kv_len: int, vision_len: int) -> tuple[int, int, int]:
+        rows = next(b for b in self.batch_sizes if b >= n)
+        length = self.min_kv
+        while length < kv_len:
+            length *= 2
+        vision = self.max_vision if vision_len > 0 else 0
+        return rows, min(length, self.max_kv), vision
+
+    @property
+    def captured(self) -> list[tuple[int, int, int]]:
+        return sorted(self._graphs)
+
+    def warmup(self, keys: list[tuple[int, int, int]]) -> None:
+        """Capture these buckets now (else each is captured on first use)."""
+        for key in keys:
+            if key not in self._graphs:
+                self._graphs[key] = self._capture(*key)
+
+    def run(self, inputs: DecodeInputs) -> torch.Tensor:
+        key = (
+            int(inputs.tokens.shape[0]),
+            int(inputs.self_mask.shape[-1]),
+            int(inputs.cross_mask.shape[-1]) if inputs.cross_mask is not None else 0,
+        )
+        captured = self._graphs.get(key)
+        if captured is None:
+            captured = self._graphs[key] = self._capture(*key)
+        for f in fields(DecodeInputs):
+            src, dst = getattr(inputs, f.name), getattr(captured.inputs, f.name)
+            if dst is not None:
+                dst.copy_(src, non_blocking=True)
+        captured.graph.replay()
+        # The buffer is overwritten by the next replay: the caller consumes it before that.
+        return captured.logits
+
+    def _idle_inputs(self, rows: int, kv_len: int, vision: int) -> DecodeInputs:
+        """Static buffers holding a step where every row is idle (safe to run at any time)."""
+        device, dtype = self.forward.device, self.forward.dtype
+        self_mask = torch.zeros(rows, 1, 1, kv_len, dtype=torch.bool, device=device)
+        self_mask[..., 0] = True
+        cross_mask = row_gate = None
+        if vision:
+            cross_mask = torch.zeros(rows, 1, 1, vision, dtype=torch.bool, device=device)
+            cross_mask[..., 0] = True
+            row_gate = torch.zeros(rows, 1, 1, dtype=dtype, device=device)
+        return DecodeInputs(
+            tokens=torch.zeros(rows, dtype=torch.long, device=device),
+            positions=torch.zeros(rows, dtype=torch.long, device=device),
+            write_index=torch.full(
+                (rows,), self.forward.cache.scratch, dtype=torch.long, device=device
+            ),
+            self_mask=self_mask,
+            cross_mask=cross_mask,
+            row_gate=row_gate,
+        )
+
+    def _capture(self, rows: int, kv_len: int, vision: int) -> _Captured:
+        static = self._idle_inputs(rows, kv_len, vision)
+        # Warm up on a side stream (cuBLAS handles, autotuning, compilation) before capture.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._fn(static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the event loop thread may touch CUDA (e.g. a tokenizer-free health
+        # check) while the worker captures; only this thread's work is captured.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            logits = self._fn(static)
+        return _Captured(graph=graph, inputs=static, logits=logits)

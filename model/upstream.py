@@ -1,0 +1,274 @@
+"""An engine that forwards to an OpenAI-compatible upstream: the CPU gateway's fast path.
+
+`OpenAIUpstreamEngine` posts to `<api_base>/chat/completions` through one pooled
+`aiohttp.ClientSession` per route (created at start; why not httpx: see the class), always
+with `stream: true` and `stream_options.include_usage`, parses the SSE bytes incrementally
+and yields each content delta as soon as its event is complete (nothing is re-buffered), then
+one `Finished`.
+
+Errors: before the first delta, `generate` raises an `UpstreamError` subclass (502 bad answer,
+503 unavailable, 504 timeout) after retrying what is safe to retry; after the first delta it
+ends with `Finished("error", ...)` carrying the message (the client already has text, so a
+retry would duplicate it).
+
+Token counts: the upstream's `usage` when it sends one. Otherwise the prompt is counted like
+`count_prompt_tokens` (exact with the route's `tokenizer_path`, else the estimate in
+`model.openai_wire`: ceil(text characters / 4) + 1 per image) and the completion is the number
+of non-empty content deltas (one delta is one token on vLLM, TGI and this gateway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from model.engine import EngineEvent, EngineInfo, EngineRequest
+from model.openai_wire import (
+    PromptCounter,
+    SSEParser,
+    StreamState,
+    UpstreamBadResponse,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    build_messages,
+    finished,
+    sampling_fields,
+    sse_events,
+    status_error,
+    whole_answer,
+    with_retries,
+)
+
+# The errors are defined with the wire format (shared with the litellm engine); this module is
+# their public home: `from model.upstream import UpstreamError, ...`.
+__all__ = [
+    "OpenAIUpstreamEngine",
+    "UpstreamBadResponse",
+    "UpstreamConfig",
+    "UpstreamError",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+]
+
+_MAX_ERROR_BODY = 64 * 1024
+_MAX_JSON_BODY = 16 * 1024 * 1024
+# After [DONE]: how long and how much to read to keep the pooled connection alive.
+_DRAIN_S = 0.25
+_DRAIN_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """One route's upstream, already resolved (the key read from its env var or file)."""
+
+    model_id: str  # the served name (responses and EngineInfo)
+    api_base: str  # e.g. http://engine:8000/v1 (".../chat/completions" is appended)
+    upstream_model: str | None = None  # the name sent upstream; default: model_id
+    api_key: str | None = None
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 120.0  # longest silence: time to first byte, gap between chunks
+    total_timeout_s: float = 600.0  # the whole call: retries and the full stream
+    pool_timeout_s: float = 10.0  # waiting for a free pooled connection
+    pool_size: int = 100
+    retries: int = 2
+    retry_backoff_s: float = 0.05
+    context_length: int = 131_072
+    tokenizer_path: Path | None = None
+
+    @property
+    def sent_model(self) -> str:
+        return self.upstream_model or self.model_id
+
+
+class OpenAIUpstreamEngine:
+    """`Engine` over an OpenAI-compatible `/chat/completions` (vLLM, TGI, this gateway, ...).
+
+    The client is aiohttp, not httpx: on this project's 2-core machine a pooled httpx streamed
+    call cost 1.1-3.1 ms of CPU (worse with concurrency) against 0.2-0.4 ms for aiohttp, and
+    httpx was 46% of the gateway's CPU under load (bench/gateway_overhead/client_micro.py)."""
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        self.config = config
+        self._session: aiohttp.ClientSession | None = None
+        self._url = config.api_base.rstrip("/") + "/chat/completions"
+        self._counter = PromptCounter(config.tokenizer_path)
+        self._headers = {
+            "content-type": "application/json",
+            "accept": "text/event-stream",
+            # A compressed SSE stream is buffered by the compressor: ask for none.
+            "accept-encoding": "identity",
+        }
+        if config.api_key:
+            self._headers["authorization"] = f"Bearer {config.api_key}"
+        self._info = EngineInfo(
+            model_id=config.model_id,
+            context_length=config.context_length,
+            max_batch_size=config.pool_size,
+            device="upstream",
+            dtype="upstream",
+            extra={"api_base": config.api_base, "upstream_model": config.sent_model},
+        )
+
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
+
+    @property
+    def cheap_token_count(self) -> bool:
+        """True when count_prompt_tokens is a few microseconds (no need for a thread)."""
+        return not self._counter.exact
+
+    def ready(self) -> bool:
+        return self._session is not None
+
+    async def start(self) -> None:
+        if self._session is not None:
+            return
+        await asyncio.to_thread(self._counter.load)
+        cfg = self.config
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=cfg.pool_size, limit_per_host=cfg.pool_size),
+            timeout=aiohttp.ClientTimeout(
+                total=None,  # ours: a deadline checked around each await (see _attempt)
+                connect=cfg.pool_timeout_s + cfg.connect_timeout_s,  # pool wait + connect
+                sock_connect=cfg.connect_timeout_s,
+                sock_read=cfg.read_timeout_s,
+            ),
+            # Proxies from the environment are for egress to the internet, not to engines.
+            trust_env=False,
+            auto_decompress=False,
+            raise_for_status=False,
+        )
+
+    async def stop(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def count_prompt_tokens(self, request: EngineRequest) -> int:
+        return self._counter(request.messages)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        cfg = self.config
+        deadline = asyncio.get_running_loop().time() + cfg.total_timeout_s
+        body = {
+            "model": cfg.sent_model,
+            "messages": await build_messages(request),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **sampling_fields(request),
+        }
+        payload = json.dumps(body, separators=(",", ":")).encode()
+        headers = {**self._headers, "x-request-id": request.request_id}
+        state = StreamState()
+        events = with_retries(
+            lambda: self._attempt(payload, headers, deadline, state),
+            state,
+            lambda reason, error: finished(self, request, state, reason, error),
+            retries=cfg.retries,
+            backoff_s=cfg.retry_backoff_s,
+            deadline=deadline,
+        )
+        async with aclosing(events):
+            async for event in events:
+                yield event
+
+    async def _attempt(
+        self, payload: bytes, headers: dict[str, str], deadline: float, state: StreamState
+    ) -> AsyncGenerator[EngineEvent, None]:
+        """One HTTP call. The total deadline is checked around each await, never across a
+        yield: a timeout scope spanning a yield would cancel whatever the consumer awaits."""
+        session = self._session
+        if session is None:
+            raise UpstreamUnavailable("The upstream engine is not started.")
+        try:
+            async with asyncio.timeout_at(deadline):
+                response = await session.post(self._url, data=payload, headers=headers)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _transport_error(exc, "Cannot reach the upstream") from exc
+        reusable = False
+        try:
+            if response.status != 200:
+                raise status_error(response.status, await _read(response, _MAX_ERROR_BODY))
+            kind = response.headers.get("content-type", "")
+            if kind.startswith("application/json"):
+                # An upstream that ignores `stream: true`: take the whole answer at once.
+                for event in whole_answer(await _read(response, _MAX_JSON_BODY), state):
+                    yield event
+                reusable = True
+                return
+            if not kind.startswith("text/event-stream"):
+                raise UpstreamBadResponse(f"The upstream answered with content-type {kind!r}.")
+            parser = SSEParser()
+            while not state.done:
+                async with asyncio.timeout_at(deadline):
+                    chunk = await response.content.readany()
+                if not chunk:
+                    break
+                for data in parser.feed(chunk):
+                    for event in sse_events(data, state):
+                        yield event
+                    if state.done:
+                        break
+            if not state.done and state.finish is None:
+                raise UpstreamUnavailable("The upstream closed the stream before it finished.")
+            reusable = await _drain(response, deadline)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _transport_error(exc, "The upstream connection failed") from exc
+        finally:
+            # Back to the pool only when read to its end; otherwise close the connection, which
+            # is also how a client that left cancels the generation upstream.
+            if reusable:
+                response.release()
+            else:
+                response.close()
+
+
+async def _drain(response: aiohttp.ClientResponse, deadline: float) -> bool:
+    """Read the end of the body after [DONE] (the chunked terminator, usually already here) so
+    that the connection can go back to the pool: a new TCP connection per request cost ~15% of
+    the gateway's CPU under load (py-spy). True when the body ended."""
+    loop = asyncio.get_running_loop()
+    left = _DRAIN_BYTES
+    with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+        async with asyncio.timeout_at(min(deadline, loop.time() + _DRAIN_S)):
+            while left >= 0:
+                chunk = await response.content.readany()
+                if not chunk:
+                    return True
+                left -= len(chunk)
+    return False
+
+
+async def _read(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    out = bytearray()
+    while chunk := await response.content.readany():
+        out += chunk
+        if len(out) > limit:
+            raise UpstreamBadResponse(f"The upstream's answer is over {limit} bytes.")
+    return bytes(out)
+
+
+def _transport_error(exc: BaseException, what: str) -> UpstreamError:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        # Nothing was sent: another try (another pod behind the Service) is safe.
+        return UpstreamTimeout(
+            f"Timed out connecting to the upstream ({_describe(exc)}).", retryable=True
+        )
+    if isinstance(exc, aiohttp.SocketTimeoutError):
+        return UpstreamTimeout("The upstream did not answer within the read timeout.")
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout("The upstream call exceeded its total timeout.")
+    return UpstreamUnavailable(f"{what}: {_describe(exc)}")
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -1,0 +1,151 @@
+"""A gateway configured with a routes file, in front of a mock OpenAI upstream on loopback:
+routing, moderation of upstream streams, upstream errors, usage into the rate limiter."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from gateway.settings import Settings
+from tests.conftest import REDIS_URL, TEST_ADMIN_TOKEN, TEST_API_KEY, LiveServer, wait_until_ready
+from tests.model.test_upstream import WORDS, MockServer
+
+ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
+PROJECT_POLICIES = Path(__file__).resolve().parents[2] / "policies"
+
+ROUTES = """\
+routes:
+  - model: fast-model
+    aliases: [Fast]
+    api_base: {base}
+    upstream_model: ok
+  - model: broken-model
+    api_base: {base}
+    upstream_model: fail500
+    retries: 0
+  - model: guarded-model
+    api_base: {base}
+    upstream_model: ok
+    policy: no-world
+"""
+
+NO_WORLD = """\
+name: no-world
+version: "1"
+guards:
+  blocklist: {stages: [input, output]}
+defaults: {threshold: medium, action: block}
+custom_blocklists:
+  - name: world
+    terms: [world]
+    stage: output
+    action: block
+"""
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    from gateway.app import create_app
+
+    root = tmp_path_factory.mktemp("routes")
+    policies = root / "policies"
+    policies.mkdir()
+    for path in PROJECT_POLICIES.glob("*.yaml"):
+        shutil.copy(path, policies / path.name)
+    (policies / "no-world.yaml").write_text(NO_WORLD)
+    with MockServer() as mock:
+        routes = root / "routes.yaml"
+        routes.write_text(ROUTES.format(base=mock.base_url))
+        settings = Settings(
+            routes_file=routes,
+            policy_dir=policies,
+            state_dir=root / "state",
+            redis_url=REDIS_URL,
+            redis_key_prefix=f"gwtest-routes-{secrets.token_hex(4)}",
+            bootstrap_key=TEST_API_KEY,
+            admin_token=TEST_ADMIN_TOKEN,
+        )
+        with LiveServer(create_app(settings)) as server:
+            wait_until_ready(server.base_url)
+            yield server
+
+
+def sdk(server: LiveServer, key: str = TEST_API_KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=key, max_retries=0)
+
+
+def test_models_lists_every_route_and_no_local_model(gateway: LiveServer) -> None:
+    ids = [m.id for m in sdk(gateway).models.list().data]
+    assert ids == ["fast-model", "broken-model", "guarded-model"]
+    assert sdk(gateway).models.retrieve("fast").id == "fast-model"  # alias, any case
+
+
+def test_alias_routes_to_the_upstream(gateway: LiveServer) -> None:
+    resp = sdk(gateway).chat.completions.create(
+        model="Fast", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+    )
+    assert resp.model == "fast-model"
+    assert resp.choices[0].message.content == "".join(WORDS)
+    assert resp.model_dump()["choices"][0]["content_filter_results"]["hate"]["severity"] == "safe"
+
+
+def test_blocked_upstream_stream_ends_with_content_filter_and_leaks_nothing(
+    gateway: LiveServer,
+) -> None:
+    stream = sdk(gateway).chat.completions.create(
+        model="guarded-model",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+    )
+    chunks = list(stream)
+    sent = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "world" not in sent
+    assert chunks[-1].choices[0].finish_reason == "content_filter"
+    resp = sdk(gateway).chat.completions.create(
+        model="guarded-model", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert resp.choices[0].finish_reason == "content_filter"
+    assert resp.choices[0].message.content == ""
+
+
+def test_upstream_failure_maps_to_503(gateway: LiveServer) -> None:
+    with pytest.raises(openai.InternalServerError) as err:
+        sdk(gateway).chat.completions.create(
+            model="broken-model", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert err.value.status_code == 503
+    body: Any = err.value.body
+    assert body["code"] == "upstream_unavailable"
+
+
+def test_upstream_usage_settles_the_rate_limiter(gateway: LiveServer) -> None:
+    created = httpx.post(
+        gateway.base_url + "/admin/keys", json={"name": "u", "tpm": 10_000}, headers=ADMIN
+    )
+    assert created.status_code == 201
+    auth = {"Authorization": f"Bearer {created.json()['key']}"}
+    body = {
+        "model": "fast-model",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 50,
+    }
+    url = gateway.base_url + "/v1/chat/completions"
+    first = httpx.post(url, json=body, headers=auth)
+    assert first.status_code == 200
+    used = first.json()["usage"]["total_tokens"]
+    assert used == 14  # the upstream's own usage
+    import time
+
+    time.sleep(0.3)  # settlement runs right after the response
+    second = httpx.post(url, json=body, headers=auth)
+    remaining_first = int(first.headers["x-ratelimit-remaining-tokens"])
+    remaining_second = int(second.headers["x-ratelimit-remaining-tokens"])
+    # The first request's reservation was replaced by its real usage.
+    assert remaining_first - remaining_second == used
