@@ -18,11 +18,10 @@ from prometheus_client import CollectorRegistry
 from gateway.errors import GatewayError, ServiceUnavailable
 from gateway.settings import Settings
 from guards.base import Guard
-from guards.jailbreak_heuristic import JailbreakHeuristicGuard
 from guards.pipeline import GuardPipeline, GuardPipelines
 from guards.policy import Policy
 from guards.policy_store import PolicyNotFound, PolicyStore
-from guards.profanity import ProfanityGuard
+from guards.registry import build_guards
 
 log = structlog.get_logger(__name__)
 
@@ -47,25 +46,6 @@ def policy_header(policy: Policy) -> str:
     return f"{policy.name}; version={policy.version}"
 
 
-def _build_registry(settings: Settings) -> dict[str, Guard]:
-    profanity = ProfanityGuard()
-    profanity.load()
-    guards: dict[str, Guard] = {
-        "profanity": profanity,
-        "jailbreak_heuristic": JailbreakHeuristicGuard(),
-    }
-    device = settings.device
-    if settings.prompt_guard_path is not None:
-        from guards.prompt_guard import PromptGuard
-
-        guards["prompt_guard"] = PromptGuard(settings.prompt_guard_path, device=device)
-    if settings.llama_guard_path is not None:
-        from guards.llama_guard import LlamaGuard
-
-        guards["llama_guard"] = LlamaGuard(settings.llama_guard_path, device=device)
-    return guards
-
-
 @dataclass
 class GuardServices:
     store: PolicyStore
@@ -77,7 +57,12 @@ class GuardServices:
         store = PolicyStore(settings.policy_dir, default=settings.default_policy, metrics=registry)
         await store.start()
         # Loading classifiers (scikit-learn, model weights) must not block the event loop.
-        guards = await asyncio.to_thread(_build_registry, settings)
+        guards = await asyncio.to_thread(
+            build_guards,
+            prompt_guard_path=settings.prompt_guard_path,
+            llama_guard_path=settings.llama_guard_path,
+            device=settings.device,
+        )
         log.info("guards_ready", guards=sorted(guards), policies=store.names())
         return cls(store=store, pipelines=GuardPipelines(guards, registry), guards=guards)
 

@@ -5,7 +5,7 @@
 - `eval --policy P --data FILE.jsonl [--stage input|output]`: runs a labelled set through the
   policy's embedded guards (blocklist, profanity, jailbreak_heuristic) and prints per category
   precision, recall and false-positive rate, and the guards' latency (p50, p99). Guards that
-  need weights (prompt_guard, llama_guard) are skipped here for now.
+  need weights (prompt_guard, llama_guard) run when their paths are configured, else skipped.
 
 A data line is `{"text": ..., "expected": ["jailbreak", ...], "image": optional path (relative
 to the data file) or data URL, "stage": optional "input"|"output", "prompt": optional prompt for
@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -189,20 +190,25 @@ def _guard_input(line: EvalLine, base: Path) -> GuardInput:
     return GuardInput(stage="input", messages=(ChatTurn("user", (*parts, TextPart(line.text))),))
 
 
-def embedded_guards() -> dict[str, Guard]:
-    """The guards that need no downloaded weights (blocklist comes from the policy)."""
-    from guards.jailbreak_heuristic import JailbreakHeuristicGuard
-    from guards.profanity import ProfanityGuard
+def configured_guards() -> dict[str, Guard]:
+    """The embedded guards, plus Prompt Guard / Llama Guard when their weights are configured
+    (GATEWAY_PROMPT_GUARD_PATH, GATEWAY_LLAMA_GUARD_PATH), exactly as the gateway builds them."""
+    from guards.registry import build_guards
 
-    profanity = ProfanityGuard()
-    profanity.load()
-    return {"profanity": profanity, "jailbreak_heuristic": JailbreakHeuristicGuard()}
+    paths = {name: os.environ.get(env) for name, env in WEIGHT_GUARDS.items()}
+    return build_guards(
+        prompt_guard_path=Path(p) if (p := paths["prompt_guard"]) else None,
+        llama_guard_path=Path(p) if (p := paths["llama_guard"]) else None,
+        device=os.environ.get("GATEWAY_DEVICE", "auto"),
+    )
 
 
-def _without_weight_guards(policy: Policy) -> Policy:
-    """The same policy with the weight-needing guards optional (so they are skipped)."""
+def _without_missing_guards(policy: Policy, available: Sequence[str]) -> Policy:
+    """The same policy with unconfigured weight-needing guards optional (so they are skipped)."""
     guards = {
-        name: settings.model_copy(update={"optional": True}) if name in WEIGHT_GUARDS else settings
+        name: settings.model_copy(update={"optional": True})
+        if name in WEIGHT_GUARDS and name not in available
+        else settings
         for name, settings in policy.guards.items()
     }
     return policy.model_copy(update={"guards": guards})
@@ -220,8 +226,9 @@ def percentile(values: Sequence[float], q: float) -> float:
 async def run_eval(policy: Policy, lines: Sequence[EvalLine], base: Path) -> EvalReport:
     from guards.pipeline import GuardPipeline
 
-    policy = _without_weight_guards(policy)
-    pipeline = GuardPipeline(policy, embedded_guards())
+    guards = configured_guards()
+    policy = _without_missing_guards(policy, list(guards))
+    pipeline = GuardPipeline(policy, guards)
     skipped = sorted(set(pipeline.skipped("input")) | set(pipeline.skipped("output")))
     # Warm-up (first calls pay for imports and caches), not measured.
     await pipeline.run("input", [_guard_input(EvalLine("warm up", set(), "input"), base)])
@@ -289,7 +296,7 @@ def format_report(report: EvalReport) -> str:
         out.append(f"| {guard} | {percentile(values, 50):.2f} | {percentile(values, 99):.2f} |")
     if report.skipped:
         needs = ", ".join(f"{g} ({WEIGHT_GUARDS.get(g, 'not available')})" for g in report.skipped)
-        out += ["", f"skipped (need weights, not run by eval yet): {needs}"]
+        out += ["", f"skipped (need weights; set the variable to run them): {needs}"]
     return "\n".join(out)
 
 

@@ -77,7 +77,7 @@ def test_eval_prints_metrics_per_category(tmp_path: Path) -> None:
     assert "| (any) | 7 | 5 | 0 | 2 | 1.00 | 0.71 | 0.00 |" in out
     for guard in ("blocklist", "profanity", "jailbreak_heuristic", "(all guards)"):
         assert f"| {guard} | " in out
-    assert "skipped (need weights, not run by eval yet): llama_guard" in out
+    assert "skipped (need weights; set the variable to run them): llama_guard" in out
     assert "line 6: expected ['jailbreak'] got []" in out
     assert "{" not in out.split("\n")[0]  # no log lines on stdout
 
@@ -106,3 +106,29 @@ def test_counts_and_percentile() -> None:
     assert Counts().precision is None
     assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 50) == 3.0
     assert percentile([float(i) for i in range(1, 101)], 99) == 99.0
+
+
+def test_eval_runs_prompt_guard_when_its_weights_are_configured(tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from guards.tiny_guard_models import build_tiny_prompt_guard, force_prompt_guard_label
+
+    path = build_tiny_prompt_guard(tmp_path / "pg")
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    with torch.no_grad():
+        force_prompt_guard_label(model, "JAILBREAK")  # flags every text: a forced verdict
+    model.save_pretrained(path)
+    data = tmp_path / "set.jsonl"
+    data.write_text(json.dumps({"text": "What is the capital of France?", "expected": []}) + "\n")
+    result = CliRunner().invoke(
+        policy_app,
+        ["eval", "--policy", str(POLICY_DIR / "default.yaml"), "--data", str(data)],
+        env={"GATEWAY_PROMPT_GUARD_PATH": str(path), "GATEWAY_DEVICE": "cpu"},
+    )
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "| prompt_guard | " in out  # it ran and was timed
+    assert "| jailbreak | 0 | 0 | 1 | 0 | 0.00 | n/a | 1.00 |" in out  # its forced false positive
+    skipped = [line for line in out.splitlines() if line.startswith("skipped")]
+    assert all("prompt_guard" not in line for line in skipped)
