@@ -83,7 +83,7 @@ async def _parse(request: Request, model: type[M]) -> M:
     raw = await request.body()
     try:
         data = json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nesting
         raise InvalidRequest(
             "We could not parse the JSON body of your request. The body must be valid JSON."
         ) from exc
@@ -121,7 +121,12 @@ def _parse_time(value: str) -> datetime:
         )
     if parsed <= datetime.now(UTC):
         raise InvalidRequest("'expires_at' must be in the future.", param="expires_at")
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:59:59-05:00 is past datetime.max in UTC
+        raise InvalidRequest(
+            "Invalid value for 'expires_at': out of range.", param="expires_at"
+        ) from None
 
 
 def _changes(request: Request, body: _Body) -> dict[str, Any]:

@@ -488,6 +488,12 @@ def load_policy(path: str | Path) -> Policy:
         raise PolicyError(
             [PolicyIssue(file=file, line=None, field="(file)", message=exc.strerror or str(exc))]
         ) from None
+    return load_policy_bytes(raw, path)
+
+
+def load_policy_bytes(raw: bytes, path: Path) -> Policy:
+    """Validate a policy file's bytes (already read, so what is checked is what was hashed)."""
+    file = str(path)
     if len(raw) > MAX_POLICY_BYTES:
         raise PolicyError(
             [

@@ -24,7 +24,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from guards.pipeline import GuardMetrics
-from guards.policy import Policy, PolicyError, load_policy
+from guards.policy import Policy, PolicyError, load_policy_bytes
 
 log = structlog.get_logger("guards.policy_store")
 
@@ -135,6 +135,12 @@ class PolicyStore:
             return []
         changed: list[str] = []
         seen = set(files)
+        # Removals first: a removed file keeps serving its last good policy (until another file
+        # takes the name, as in a rename) and is reported.
+        for path, entry in self._entries.items():
+            if path not in seen and entry.digest is not None:
+                entry.digest = None
+                self._fail(entry, f"{path}: the file was removed; keeping the last good version")
         for path in files:
             entry = self._entries.setdefault(path, _Entry(file=path))
             try:
@@ -147,9 +153,12 @@ class PolicyStore:
                 continue
             entry.digest = digest
             try:
-                policy = load_policy(path)
+                policy = load_policy_bytes(raw, path)
             except PolicyError as exc:
                 self._fail(entry, str(exc))
+                continue
+            except Exception as exc:  # e.g. RecursionError on absurd nesting: still a bad edit
+                self._fail(entry, f"{path}: cannot load: {type(exc).__name__}: {exc}")
                 continue
             clash = next(
                 (
@@ -161,7 +170,12 @@ class PolicyStore:
                 ),
                 None,
             )
-            if clash is not None:
+            if clash is not None and clash.file not in seen:
+                # The name's file was removed (a rename): the new file takes it over.
+                del self._entries[clash.file]
+            elif clash is not None:
+                # Depends on another file, so retry on the next pass (do not remember the hash).
+                entry.digest = None
                 self._fail(
                     entry, f"{path}: name: policy {policy.name!r} is already in {clash.file}"
                 )
@@ -172,10 +186,6 @@ class PolicyStore:
             changed.append(policy.name or path.stem)
             self.metrics.reloads.labels(policy.name or path.stem).inc()
             log.info("policy_loaded", policy=policy.name, version=policy.version, file=str(path))
-        for path, entry in self._entries.items():
-            if path not in seen and entry.digest is not None:
-                entry.digest = None
-                self._fail(entry, f"{path}: the file was removed; keeping the last good version")
         self._publish()
         return changed
 

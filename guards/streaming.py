@@ -34,12 +34,16 @@ class StreamModerator(Generic[R]):
 
     `check(text)` judges the whole answer so far and returns a result; `is_blocked(result)`
     says whether it violates the policy. `window` bounds how many characters may be held back
-    before a check is forced (at least 1).
+    (a check is forced when the held text reaches it). After a passing check, the last `tail`
+    characters (default: half the window) stay held even so: a term spread over several words,
+    spaced-out letters or punctuation (`bad. phrase`, `f.o.r.b.i.d`) is judged whole by a
+    later check before any of it is sent, as long as its span fits in the tail.
     """
 
     check: Callable[[str], Awaitable[R]]
     is_blocked: Callable[[R], bool]
     window: int = 200
+    tail: int | None = None
     released: str = ""
     held: str = ""
     last_result: R | None = None
@@ -64,11 +68,17 @@ class StreamModerator(Generic[R]):
             return ModerationStep(result=self.last_result)
         return await self._check_and_release(final=True)
 
+    @property
+    def _tail(self) -> int:
+        window = max(1, self.window)
+        return min(window - 1, self.window // 2 if self.tail is None else max(0, self.tail))
+
     def _due(self) -> bool:
         if len(self.held) >= max(1, self.window):
             return True
-        # A boundary inside the new text: check up to there (the rest waits for the next one).
-        return any(ch in self._boundary_chars for ch in self.held)
+        # A boundary before the tail: a natural point to check and release up to.
+        releasable = self.held[: len(self.held) - self._tail]
+        return any(ch in self._boundary_chars for ch in releasable)
 
     async def _check_and_release(self, *, final: bool = False) -> ModerationStep[R]:
         candidate = self.released + self.held
@@ -79,19 +89,22 @@ class StreamModerator(Generic[R]):
             self.blocked = True
             self.held = ""
             return ModerationStep(blocked=True, result=result)
-        # Release up to the last boundary or space: a word cut in half stays held, so that a
-        # term split across two checks is never half-sent before the check that sees it whole.
+        # Release up to the last boundary or space before the tail: a word cut in half and the
+        # tail stay held, so that a term split across two checks is never half-sent before the
+        # check that sees it whole.
         cut = len(self.held) if final else self._release_point(self.held)
         out, self.held = self.held[:cut], self.held[cut:]
         self.released += out
         return ModerationStep(release=out, result=result)
 
     def _release_point(self, text: str) -> int:
-        for i in range(len(text) - 1, -1, -1):
+        limit = len(text) - self._tail
+        for i in range(limit - 1, -1, -1):
             if text[i] in self._boundary_chars or text[i].isspace():
                 return i + 1
-        # No boundary at all within a full window: release it (the window bounds the hold).
-        return len(text) if len(text) >= max(1, self.window) else 0
+        # No boundary before the tail within a full window: release up to the tail (the
+        # window bounds the hold).
+        return max(0, limit) if len(text) >= max(1, self.window) else 0
 
 
 def moderation_summary(moderator: StreamModerator[Any]) -> dict[str, Any]:

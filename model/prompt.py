@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import threading
+import weakref
 from collections import OrderedDict
 from typing import Any
 
@@ -28,8 +29,9 @@ class PromptRenderer:
     def __init__(self, processor: Any) -> None:
         self._processor = processor
         self._lock = threading.Lock()
-        # id(turns) -> (turns, prompt, images); holding `turns` keeps the id from being reused.
-        self._recent: OrderedDict[int, tuple[tuple[ChatTurn, ...], str, list[Image]]] = (
+        # id(turns) -> (weak references to the turns, prompt). Weak: a finished request's
+        # decoded images must not stay alive here; the references also tell a reused id apart.
+        self._recent: OrderedDict[int, tuple[tuple[weakref.ref[ChatTurn], ...], str]] = (
             OrderedDict()
         )
         tokenizer = getattr(processor, "tokenizer", processor)
@@ -71,18 +73,22 @@ class PromptRenderer:
         One request is rendered several times (token counting at admission, then each of its
         `n` choices): the last few results are remembered by the identity of `turns`.
         """
+        images = [img for turn in turns for img in turn.images]
         with self._lock:
             hit = self._recent.get(id(turns))
-            if hit is not None and hit[0] is turns:
-                return hit[1], list(hit[2])
+        if (
+            hit is not None
+            and len(hit[0]) == len(turns)
+            and all(ref() is turn for ref, turn in zip(hit[0], turns, strict=True))
+        ):
+            return hit[1], images
         text = str(
             self._processor.apply_chat_template(
                 self.messages(turns), add_generation_prompt=True, tokenize=False
             )
         )
-        images = [img for turn in turns for img in turn.images]
         with self._lock:
-            self._recent[id(turns)] = (turns, text, images)
+            self._recent[id(turns)] = (tuple(weakref.ref(t) for t in turns), text)
             while len(self._recent) > self.RECENT:
                 self._recent.popitem(last=False)
         return text, images

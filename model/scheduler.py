@@ -191,7 +191,12 @@ class BatchScheduler:
             keep: list[int] = []
             tokens: list[int] = []
             for row, seq in enumerate(active):
-                token = self._step(seq, logits[row])
+                try:
+                    token = self._step(seq, logits[row])
+                except Exception as exc:  # one request's failure must not fail its batch
+                    log.exception("sequence_failed", request_id=seq.request.request_id)
+                    seq.finish("error", f"{type(exc).__name__}: {exc}")
+                    token = None
                 if token is not None:
                     keep.append(row)
                     tokens.append(token)

@@ -140,6 +140,7 @@ async def test_create_defaults(http: httpx.AsyncClient) -> None:
         ({"name": ""}, "name"),
         ({"name": 5}, "name"),
         ({"rpm": 5}, "name"),
+        ({"name": "x", "expires_at": "9999-12-31T23:59:59-05:00"}, "expires_at"),
     ],
 )
 async def test_bad_create_bodies(http: httpx.AsyncClient, body: dict[str, Any], param: str) -> None:
@@ -148,7 +149,8 @@ async def test_bad_create_bodies(http: httpx.AsyncClient, body: dict[str, Any], 
 
 
 async def test_bad_body_shapes(http: httpx.AsyncClient) -> None:
-    for content in (b"{not json", b"[1, 2]", b"", b"\xff\xfe"):
+    nested = b'{"name": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    for content in (b"{not json", b"[1, 2]", b"", b"\xff\xfe", nested):
         resp = await http.post("/admin/keys", content=content, headers=AUTH)
         assert_error(resp, 400)
     created = await http.post("/admin/keys", json={"name": "y"}, headers=AUTH)

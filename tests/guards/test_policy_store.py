@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry
 
 from guards.policy_store import PolicyNotFound, PolicyStore
 
+PROJECT_DEFAULT = (Path(__file__).resolve().parents[2] / "policies" / "default.yaml").read_text()
+
 POLICY_DIR = Path(__file__).resolve().parents[2] / "policies"
 
 
@@ -138,3 +140,32 @@ def test_missing_directory(tmp_path: Path) -> None:
     ready, reason = store.ready()
     assert not ready
     assert reason.endswith(f"{tmp_path / 'absent'} is not a directory")
+
+
+def test_a_renamed_policy_file_keeps_reloading(tmp_path: Path) -> None:
+    (tmp_path / "default.yaml").write_text(PROJECT_DEFAULT)
+    old = tmp_path / "mine.yaml"
+    old.write_text(PROJECT_DEFAULT.replace("name: default", "name: mine"))
+    store = PolicyStore(tmp_path)
+    store.load()
+    assert store.get("mine").version == "1"
+    new = tmp_path / "mine-renamed.yaml"
+    old.rename(new)
+    store.load()
+    assert store.get("mine").version == "1"
+    new.write_text(new.read_text().replace('version: "1"', 'version: "2"'))
+    store.load()
+    assert store.get("mine").version == "2"
+    entry = next(e for e in store.status() if e["name"] == "mine")
+    assert entry["error"] is None
+
+
+def test_a_file_that_crashes_the_parser_is_a_reported_broken_edit(tmp_path: Path) -> None:
+    (tmp_path / "default.yaml").write_text(PROJECT_DEFAULT)
+    store = PolicyStore(tmp_path)
+    store.load()
+    (tmp_path / "default.yaml").write_text("name: default\nversion: '2'\nguards: " + "[" * 5000)
+    store.load()
+    entry = next(e for e in store.status() if e["name"] == "default")
+    assert entry["error"]
+    assert entry["version"] == "1"  # the last good one is kept

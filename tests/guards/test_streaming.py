@@ -45,12 +45,13 @@ async def test_term_split_across_checks_is_not_half_sent() -> None:
 
 
 async def test_clean_stream_releases_everything() -> None:
-    pieces = ["One", " two", ".", " Three", " four", " five", " six"]
-    mod = moderator("nothing-bad")
+    pieces = ["One", " two", ".", " Three", " four", " five", " six", ".", " Seven", " eight"]
+    pieces += [" and more words.", " Then the end of it all."]
+    mod = moderator("nothing-bad", window=20)
     sent, blocked = await run(mod, pieces)
     assert not blocked
     assert sent == "".join(pieces)
-    assert mod.checks >= 2  # at the boundary and at the end
+    assert mod.checks >= 2  # at a boundary before the tail, and at the end
 
 
 async def test_window_bounds_the_held_text() -> None:
@@ -69,3 +70,31 @@ async def test_blocked_at_the_end_releases_nothing_more() -> None:
     sent, blocked = await run(moderator("END"), ["Fine text", " and then END"])
     assert blocked
     assert sent == ""
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        ["This is bad", ". ", "phrase and more"],
+        ["so f.", "o.", "r.", "b.", "i.", "d. ok"],
+        ["a b c d e f g h ", "bad ", "phrase", " x y z"],
+    ],
+)
+async def test_a_term_spread_over_words_or_dots_is_never_half_sent(pieces: list[str]) -> None:
+    def squash(text: str) -> str:  # as the blocklist's normalisation joins spaced-out letters
+        return "".join(ch for ch in text if ch.isalnum())
+
+    async def check(text: str) -> bool:
+        return "badphrase" in squash(text) or "forbid" in squash(text)
+
+    mod: StreamModerator[bool] = StreamModerator(check=check, is_blocked=bool, window=24)
+    sent, blocked = await run(mod, pieces)
+    assert blocked
+    assert "bad" not in sent and "f." not in sent
+
+
+async def test_the_tail_is_released_at_the_end() -> None:
+    mod = moderator("nope", window=20)
+    sent, blocked = await run(mod, ["Quite a long sentence here. ", "And a tail"])
+    assert not blocked
+    assert sent == "Quite a long sentence here. And a tail"

@@ -246,3 +246,37 @@ def test_a_request_is_rendered_once_for_counting_and_generation(engine: LocalMll
     assert again is first  # the remembered rendering, not a new one
     equal_but_new = (ChatTurn("user", (TextPart("count me once"),)),)
     assert engine.renderer.render(equal_but_new)[0] == first
+
+
+def test_one_requests_failure_does_not_fail_its_batch(engine: LocalMllamaEngine) -> None:
+    # A sampler that cannot sample (a NaN probability) fails its own request only.
+    bad = request(TEXTS[0], rid="bad", temperature=float("nan"), max_tokens=5)
+    good = [request(t, rid=f"g{i}", max_tokens=5) for i, t in enumerate(TEXTS[1:])]
+
+    async def scenario() -> list[tuple[str, Finished, list[str]]]:
+        blocker = asyncio.create_task(run(engine, request("block", rid="blocker", max_tokens=40)))
+        while engine.scheduler.active_count == 0:
+            await asyncio.sleep(0.001)
+        results = await asyncio.gather(*(run(engine, r) for r in [bad, *good]))
+        await blocker
+        return results
+
+    results = asyncio.run(scenario())
+    assert engine.scheduler.last_batch_size == 3
+    assert results[0][1].reason == "error"
+    for (text, finished, _), req in zip(results[1:], good, strict=True):
+        assert finished.reason in ("stop", "length")
+        assert text == reference(engine, req)[0]
+
+
+def test_the_render_cache_does_not_keep_images_alive(engine: LocalMllamaEngine) -> None:
+    import gc
+    import weakref
+
+    img = image((1, 2, 3))
+    alive = weakref.ref(img)
+    turns = (ChatTurn("user", (ImagePart(img), TextPart("what?"))),)
+    engine.renderer.render(turns)
+    del img, turns
+    gc.collect()
+    assert alive() is None

@@ -51,3 +51,8 @@ def test_logits_beyond_vocab_are_ignored() -> None:
     # The image token id (== vocab size) must never be sampled even if a row is longer.
     sampler = TokenSampler(SamplingParams(max_tokens=1, temperature=0.0), vocab_size=3)
     assert sampler.sample(torch.tensor([0.0, 1.0, 0.5, 9.0])) == 1
+
+
+def test_a_tiny_temperature_is_greedy_not_an_overflow() -> None:
+    sampler = TokenSampler(SamplingParams(max_tokens=1, temperature=1e-40), vocab_size=3)
+    assert sampler.sample(torch.tensor([0.0, 50.0, 3.0])) == 1
