@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import structlog
 import transformers
@@ -17,6 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import admin
 from gateway.auth import AuthService, ensure_demo_key, register_bootstrap_key
@@ -31,7 +35,7 @@ from gateway.model_routes import ModelRouter
 from gateway.moderation import GuardServices
 from gateway.ratelimit import RateLimiter
 from gateway.redis_conn import RedisConnection, RedisMetrics
-from gateway.routes import router
+from gateway.routes import CHAT_PATH, ChatCompletions, router
 from gateway.settings import Settings
 from model.engine import Engine, EngineOverloaded
 from model.upstream import UpstreamError
@@ -75,6 +79,51 @@ def build_engine(settings: Settings) -> Engine:
 def error_response(exc: GatewayError) -> JSONResponse:
     """The one place where errors become the OpenAI envelope."""
     return JSONResponse(exc.envelope(), status_code=exc.status_code, headers=exc.headers)
+
+
+def exception_response(exc: BaseException) -> Response:
+    """Whatever a request raised, as the client's response: for the FastAPI routes (through
+    their exception handlers) and for the raw chat endpoint alike."""
+    if isinstance(exc, GatewayError):
+        return error_response(exc)
+    if isinstance(exc, UpstreamError | EngineOverloaded):
+        return error_response(engine_failure(exc))
+    if isinstance(exc, ClientDisconnect):
+        # Nobody is listening; nothing to log as a server error.
+        return Response(status_code=499)
+    if isinstance(exc, RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        return error_response(InvalidRequest(f"Invalid request: {first['msg']}", param=param))
+    if isinstance(exc, StarletteHTTPException):
+        if exc.status_code == 404:
+            return error_response(NotFound("Not found."))
+        err = GatewayError(str(exc.detail), error_type="invalid_request_error")
+        err.status_code = exc.status_code
+        return error_response(err)
+    log.error("unhandled_error", error_type=type(exc).__name__, exc_info=exc)
+    return error_response(GatewayError("The server had an error processing your request."))
+
+
+class GatewayApp(FastAPI):
+    """FastAPI, except that `POST /v1/chat/completions` goes straight to its raw ASGI endpoint
+    (wrapped in the same request-context middleware) before FastAPI's middleware stack and
+    routing: those cost ~30% of a guards-off request's CPU (bench/NOTES.md). The endpoint is
+    also a route of the app, so the path still gets 405 for other methods, and a request that
+    does not match the fast path exactly (a root path) is still served."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.fast_routes: dict[str, ASGIApp] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = self.fast_routes.get(scope["path"])
+            if endpoint is not None:
+                scope["app"] = self
+                await endpoint(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 def demo_banner(settings: Settings, key: str) -> str:
@@ -129,6 +178,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         if settings.demo_mode and not settings.bootstrap_key:
             demo_key = await ensure_demo_key(key_store, settings)
             print(demo_banner(settings, demo_key), file=sys.stderr)
+        # What start-up built (torch, transformers, the guards: ~200k objects) lives as long as
+        # the process: take it out of the cyclic collector's sight. Otherwise each full
+        # collection walks all of it, 60-130 ms on 2 cores every few thousand requests, a
+        # stall for every request in flight (p99, Redis deadlines missed).
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
@@ -140,49 +195,32 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             await guards.stop()
             if state.background:
                 await asyncio.wait(state.background, timeout=2)
+            await state.limiter.aclose()
             await redis_conn.close()
+            gc.unfreeze()  # several apps may share a process (tests): let the next one collect
 
-    app = FastAPI(title="Llama 3.2-Vision safety gateway", lifespan=lifespan)
+    app = GatewayApp(title="Llama 3.2-Vision safety gateway", lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.started = int(time.time())
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
-    _install_error_handlers(app)
+    for kind in (
+        GatewayError,
+        UpstreamError,
+        EngineOverloaded,
+        ClientDisconnect,
+        RequestValidationError,
+        StarletteHTTPException,
+        Exception,
+    ):
+        app.add_exception_handler(kind, _handle)
+    chat = ChatCompletions(exception_response)
+    app.router.routes.append(Route(CHAT_PATH, chat, methods=["POST"], include_in_schema=False))
+    app.fast_routes = {CHAT_PATH: RequestContextMiddleware(chat, metrics=metrics)}
     app.include_router(router)
     app.include_router(admin.router)
     return app
 
 
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(GatewayError)
-    async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
-        return error_response(exc)
-
-    @app.exception_handler(UpstreamError)
-    @app.exception_handler(EngineOverloaded)
-    async def _engine(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(engine_failure(exc))
-
-    @app.exception_handler(ClientDisconnect)
-    async def _client_gone(_: Request, exc: ClientDisconnect) -> Response:
-        # Nobody is listening; nothing to log as a server error.
-        return Response(status_code=499)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        return error_response(InvalidRequest(f"Invalid request: {first['msg']}", param=param))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 404:
-            return error_response(NotFound("Not found."))
-        err = GatewayError(str(exc.detail), error_type="invalid_request_error")
-        err.status_code = exc.status_code
-        return error_response(err)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled_error", error_type=type(exc).__name__)
-        return error_response(GatewayError("The server had an error processing your request."))
+async def _handle(_: Request, exc: Exception) -> Response:
+    return exception_response(exc)

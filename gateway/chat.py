@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -35,6 +35,8 @@ from model.engine import (
 from model.upstream import UpstreamError
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -214,9 +216,14 @@ class ChatService:
 
     # -- non-streaming ---------------------------------------------------------------------
     async def complete(self, chat: PreparedChat) -> dict[str, Any]:
-        outcomes = await asyncio.gather(
-            *(self._collect(chat, r) for r in chat.engine_requests), return_exceptions=False
-        )
+        requests = chat.engine_requests
+        try:
+            if len(requests) == 1:  # the usual n=1: no task for gather to wrap it in
+                outcomes = [await self._collect(chat, requests[0])]
+            else:
+                outcomes = await _all_or_nothing([self._collect(chat, r) for r in requests])
+        except Exception as exc:
+            raise engine_failure(exc) from exc
         decisions = await self.check_output(chat, [text for text, _ in outcomes])
         choices = []
         completion_tokens = 0
@@ -265,6 +272,18 @@ class ChatService:
     def count_tokens(self, prompt_tokens: int, completion_tokens: int) -> None:
         self._metrics.tokens_in.inc(prompt_tokens)
         self._metrics.tokens_out.inc(completion_tokens)
+
+
+async def _all_or_nothing(work: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Like gather, but when one fails the others are cancelled (they would generate for
+    nothing, with the request's concurrency slot already given back)."""
+    tasks = [asyncio.create_task(w) for w in work]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def engine_failure(exc: BaseException) -> GatewayError:

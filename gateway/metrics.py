@@ -36,5 +36,19 @@ class GatewayMetrics:
             "gateway_completion_tokens", "Completion tokens generated", registry=r
         )
 
+        # The labelled children, looked up once: `labels()` validates and locks on every call.
+        self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        children = self._request_children.get((route, status))
+        if children is None:
+            children = (
+                self.requests.labels(route=route, status=str(status)),
+                self.latency.labels(route=route),
+            )
+            self._request_children[(route, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -5,6 +5,7 @@ Pure ASGI (not BaseHTTPMiddleware) so that streamed responses pass through unbuf
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import time
@@ -12,6 +13,7 @@ import time
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
 
 log = structlog.get_logger("gateway.access")
@@ -44,10 +46,12 @@ class RequestContextMiddleware:
         structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
         status = 500
+        started_response = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
+                started_response = True
                 status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
@@ -56,11 +60,29 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            # An unexpected error: answered here (not by Starlette's outermost error handler)
+            # so that the 500 carries the envelope and the request id like every response.
+            log.exception("unhandled_error", path=scope["path"])
+            if started_response:
+                raise
+            body = json.dumps(
+                GatewayError("The server had an error processing your request.").envelope()
+            ).encode()
+            await send_with_id(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", b"%d" % len(body)),
+                    ],
+                }
+            )
+            await send_with_id({"type": "http.response.body", "body": body})
         finally:
             elapsed = time.perf_counter() - started
-            route = _route_label(scope["path"])
-            self.metrics.requests.labels(route=route, status=str(status)).inc()
-            self.metrics.latency.labels(route=route).observe(elapsed)
+            self.metrics.observe_request(_route_label(scope["path"]), status, elapsed)
             log.info(
                 "request",
                 method=scope.get("method"),

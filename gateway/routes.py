@@ -1,100 +1,243 @@
-"""The public routes: chat completions, models, health, readiness and metrics."""
+"""The public routes: chat completions (a raw ASGI endpoint), models, health, readiness, metrics."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, Callable, Coroutine
+from contextlib import aclosing
+from typing import Any, TypeVar
 
 import structlog
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
 
 from gateway.admin import require_admin
 from gateway.auth import AuthService
-from gateway.chat import ChatService, PreparedChat
+from gateway.chat import ChatService, PreparedChat, engine_failure
 from gateway.errors import GatewayError, ModelNotFound, RequestTooLarge
 from gateway.metrics import GatewayMetrics
 from gateway.moderation import GuardServices, policy_header
 from gateway.ratelimit import Admission, RateLimiter
 from gateway.settings import Settings
-from gateway.streaming import stream_chat
+from gateway.streaming import ChatStream
+from model.engine import EngineOverloaded
+from model.openai_wire import json_bytes
+from model.upstream import UpstreamError
+
+T = TypeVar("T")
 
 log = structlog.get_logger(__name__)
 
 router = APIRouter()
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """Read the body with a cap: 413 before reading when Content-Length says too much."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestTooLarge(f"Request body too large: {declared} bytes (limit {limit}).")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestTooLarge(f"Request body too large (limit {limit} bytes).")
-        chunks.append(chunk)
-    return b"".join(chunks)
+CHAT_PATH = "/v1/chat/completions"
+_JSON_TYPE = (b"content-type", b"application/json")
+_SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+_SSE_TYPE = (b"content-type", b"text/event-stream; charset=utf-8")
 
 
-def _settle_later(request: Request, limiter: RateLimiter, adm: Admission, used: int) -> None:
-    """Settle in a task of its own: it must run even when the client's task was cancelled."""
-    pending: set[asyncio.Task[None]] = request.app.state.background
-    task = asyncio.get_running_loop().create_task(limiter.settle(adm, used))
-    pending.add(task)
-    task.add_done_callback(pending.discard)
+class ChatCompletions:
+    """`POST /v1/chat/completions` as a raw ASGI app.
+
+    It is the gateway's hot path, and FastAPI's per-request work (middleware stack, routing,
+    dependency solving, cookie parsing, response classes, an anyio task group per stream) was
+    ~30% of a guards-off request's CPU. Headers, status codes and bodies are what the FastAPI
+    route sent; every error still becomes its response through `exception_response` (the
+    envelope from `gateway.app.error_response`, one place).
+    """
+
+    def __init__(self, exception_response: Callable[[BaseException], Response]) -> None:
+        self._exception_response = exception_response
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = scope["app"].state
+        try:
+            chat, adm, headers = await _admitted(state, scope, receive)
+        except Exception as exc:
+            await self._fail(exc, scope, receive, send)
+            return
+        # Admitted: from here on the reservation is settled exactly once, whatever happens.
+        limiter: RateLimiter = state.limiter
+        beat = limiter.start_heartbeat(adm)
+        try:
+            if chat.request.stream:
+                await self._stream(state.chat, chat, headers, scope, receive, send)
+                return
+            try:
+                payload = await _unless_disconnected(state.chat.complete(chat), receive)
+            except Exception as exc:
+                await self._fail(_with_headers(exc, headers), scope, receive, send)
+                return
+            if payload is None:
+                return  # the client left: generation was cancelled, nobody to answer
+            body = json_bytes(payload)
+            raw = [*_raw(headers), (b"content-length", b"%d" % len(body)), _JSON_TYPE]
+            await send({"type": "http.response.start", "status": 200, "headers": raw})
+            await send({"type": "http.response.body", "body": body})
+        finally:
+            if beat is not None:
+                beat.cancel()
+            _settle_later(state, limiter, adm, chat.used_tokens)
+
+    async def _stream(
+        self,
+        service: ChatService,
+        chat: PreparedChat,
+        headers: dict[str, str],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        stream = ChatStream(service, chat)
+        try:
+            try:
+                # An engine that fails before its first event (upstream 5xx, timeout, overload)
+                # is a real HTTP error, not a 200 whose stream carries the error.
+                await stream.start()
+            except Exception as exc:
+                await self._fail(_with_headers(exc, headers), scope, receive, send)
+                return
+            raw = [*_SSE_HEADERS, *_raw(headers), _SSE_TYPE]
+            await send({"type": "http.response.start", "status": 200, "headers": raw})
+            await _send_until_disconnect(stream.chunks(), receive, send)
+        finally:
+            await stream.aclose()
+
+    async def _fail(self, exc: BaseException, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._exception_response(exc)(scope, receive, send)
 
 
-@router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(request: Request) -> Response:
-    state = request.app.state
+async def _admitted(
+    state: Any, scope: Scope, receive: Receive
+) -> tuple[PreparedChat, Admission, dict[str, str]]:
+    """Key, body, parse, limits, input guards: the request admitted, or the error raised."""
     settings: Settings = state.settings
     auth: AuthService = state.auth
     limiter: RateLimiter = state.limiter
     chat_service: ChatService = state.chat
-    key = await auth.authenticate(request.headers.get("authorization"))
-    body = await read_body(request, settings.max_body_bytes)
+    key = await auth.authenticate(_header(scope, b"authorization"))
+    body = await read_body(receive, _header(scope, b"content-length"), settings.max_body_bytes)
     chat = await chat_service.prepare(
         body, authorize=lambda model: auth.check_model(key, model), policy_name=key.policy
     )
     adm = await limiter.admit(key, chat.prompt_tokens, chat.reserved_completion_tokens)
-    headers = {**adm.headers(), "x-policy": policy_header(chat.policy)}
+    headers = adm.headers()
+    headers["x-policy"] = policy_header(chat.policy)
     try:
         await chat_service.check_input(chat)
-    except GatewayError as exc:
-        _settle_later(request, limiter, adm, chat.prompt_tokens)
+    except Exception as exc:
+        _settle_later(state, limiter, adm, chat.prompt_tokens)
+        raise _with_headers(exc, headers) from None
+    return chat, adm, headers
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    """The first value of a header (ASGI servers give the names in lower case)."""
+    value: bytes
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _raw(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+
+def _with_headers(exc: BaseException, headers: dict[str, str]) -> BaseException:
+    """An error after admission carries the admission's headers (x-ratelimit-*, x-policy)."""
+    if isinstance(exc, UpstreamError | EngineOverloaded):
+        exc = engine_failure(exc)
+    if isinstance(exc, GatewayError):
         exc.headers = {**headers, **exc.headers}
-        raise
-    if chat.request.stream:
-        return StreamingResponse(
-            _settled_stream(request, chat_service, limiter, adm, chat),
-            media_type="text/event-stream",
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers},
-        )
-    try:
-        async with limiter.heartbeat(adm):
-            payload = await chat_service.complete(chat)
-    finally:
-        _settle_later(request, limiter, adm, chat.used_tokens)
-    return JSONResponse(payload, headers=headers)
+    return exc
 
 
-async def _settled_stream(
-    request: Request,
-    chat_service: ChatService,
-    limiter: RateLimiter,
-    adm: Admission,
-    chat: PreparedChat,
-) -> AsyncIterator[bytes]:
+async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes:
+    """Read the body with a cap: 413 before reading when Content-Length says too much."""
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(f"Request body too large: {declared} bytes (limit {limit}).")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(f"Request body too large (limit {limit} bytes).")
+        if not message.get("more_body", False):
+            if not chunks:
+                return chunk  # the usual case: the whole body in one message
+            chunks.append(chunk)
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+async def _send_until_disconnect(
+    chunks: AsyncGenerator[bytes, None], receive: Receive, send: Send
+) -> None:
+    """Send the SSE chunks; a client that disconnects cancels the stream (and so generation),
+    as Starlette's StreamingResponse did: the sending runs in a task of its own while this one
+    waits for `http.disconnect` (the server drops writes to a closed connection silently)."""
+
+    async def send_all() -> None:
+        async with aclosing(chunks):
+            async for chunk in chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def cancel_on_disconnect(task: asyncio.Task[None]) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        task.cancel()
+
+    loop = asyncio.get_running_loop()
+    sender = loop.create_task(send_all())
+    watcher = loop.create_task(cancel_on_disconnect(sender))
     try:
-        async with limiter.heartbeat(adm):
-            async for chunk in stream_chat(chat_service, chat):
-                yield chunk
+        await sender
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # we are cancelled ourselves (shutdown), not the client gone
     finally:
-        _settle_later(request, limiter, adm, chat.used_tokens)
+        watcher.cancel()
+
+
+async def _unless_disconnected(work: Coroutine[Any, Any, T], receive: Receive) -> T | None:
+    """Run `work`, cancelled (returning None) if the client disconnects first: a request whose
+    client gave up must not keep the model busy, nor its concurrency slot."""
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(work)
+    watcher = loop.create_task(disconnected())
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return None
+    return task.result()
+
+
+def _settle_later(state: Any, limiter: RateLimiter, adm: Admission, used: int) -> None:
+    """Settle in a task of its own: it must run even when the client's task was cancelled."""
+    pending: set[asyncio.Task[None]] = state.background
+    task = asyncio.get_running_loop().create_task(limiter.settle(adm, used))
+    pending.add(task)
+    task.add_done_callback(pending.discard)
 
 
 def _model_card(model_id: str, created: int) -> dict[str, Any]:

@@ -11,8 +11,9 @@ with empty `choices`, right before `[DONE]`.
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+import weakref
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -21,15 +22,17 @@ from gateway.chat import ChatService, PreparedChat, checked_finish, engine_failu
 from gateway.errors import GatewayError
 from guards.base import GuardInput
 from guards.decision import Decision
+from guards.pipeline import GuardPipeline
 from guards.streaming import StreamModerator
 from model.engine import EngineEvent, TextDelta
+from model.openai_wire import json_bytes
 
 log = structlog.get_logger(__name__)
 
 
 def sse(payload: dict[str, Any] | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
+    data = payload.encode() if isinstance(payload, str) else json_bytes(payload)
+    return b"data: " + data + b"\n\n"
 
 
 class ChoiceStream:
@@ -53,106 +56,157 @@ class ChoiceStream:
         )
 
 
-async def stream_chat(service: ChatService, chat: PreparedChat) -> AsyncIterator[bytes]:
-    """SSE bytes per the contract; closing this iterator cancels generation."""
-    queue: asyncio.Queue[tuple[int, EngineEvent | BaseException]] = asyncio.Queue()
-    engine = chat.engine
-    tasks = [
-        asyncio.create_task(_pump(i, engine.generate(r), queue.put))
-        for i, r in enumerate(chat.engine_requests)
-    ]
-    safe = chat.pipeline.safe_decision("output").content_filter_results()
-    choices = [ChoiceStream(chat, i, safe) for i in range(len(tasks))]
-    include_usage = chat.request.wants_usage_chunk
-    first_text = True
-    completion_tokens = 0
-    prompt_tokens = chat.prompt_tokens
+class ChatStream:
+    """One request's SSE stream: `await start()`, then iterate `chunks()`; always `aclose()`.
 
-    def chunk(choice: ChoiceStream, delta: dict[str, Any], finish: str | None) -> bytes:
-        body: dict[str, Any] = {
-            "id": chat.completion_id,
-            "object": "chat.completion.chunk",
-            "created": chat.created,
-            "model": chat.model_id,
-            "system_fingerprint": service.system_fingerprint,
-            "choices": [
-                {
-                    "index": choice.index,
-                    "delta": delta,
-                    "logprobs": None,
-                    "finish_reason": finish,
-                    "content_filter_results": choice.results,
-                }
-            ],
-        }
-        if choice.index == 0 and delta.get("role"):
-            body["prompt_filter_results"] = chat.prompt_filter_results()
-        if include_usage:
-            body["usage"] = None  # as OpenAI does on every chunk but the last
-        return sse(body)
+    `start` waits for the first engine event of every choice, so that an engine that fails
+    before its first token (upstream 5xx, timeout, refused, overload) raises a `GatewayError`
+    that the route sends as a real HTTP error. Text is not delayed: the first event is usually
+    the first token, and it is streamed as soon as the response starts.
+    """
 
-    def close(choice: ChoiceStream) -> None:
-        choice.open = False
-        tasks[choice.index].cancel()  # stop generating what will never be sent
+    def __init__(self, service: ChatService, chat: PreparedChat) -> None:
+        self._service = service
+        self._chat = chat
+        self._queue: asyncio.Queue[tuple[int, EngineEvent | BaseException]] = asyncio.Queue()
+        engine = chat.engine
+        self._tasks = [
+            asyncio.create_task(_pump(i, engine.generate(r), self._queue.put))
+            for i, r in enumerate(chat.engine_requests)
+        ]
+        self._early: deque[tuple[int, EngineEvent | BaseException]] = deque()
 
-    try:
-        for choice in choices:
-            yield chunk(choice, {"role": "assistant", "content": ""}, None)
-        while any(c.open for c in choices):
-            index, event = await queue.get()
-            choice = choices[index]
-            if not choice.open:
-                continue  # events already queued before the choice was closed
-            if isinstance(event, BaseException):
-                raise engine_failure(event)
-            if isinstance(event, TextDelta):
-                choice.deltas += 1
-                chat.completion_tokens += 1
-                step = await choice.moderator.feed(event.text)
-            else:
-                finished = checked_finish(event)
-                prompt_tokens = finished.prompt_tokens
-                completion_tokens += finished.completion_tokens
-                chat.completion_tokens += finished.completion_tokens - choice.deltas
-                step = await choice.moderator.finish()
-            if step.result is not None:
-                choice.results = step.result.content_filter_results()
-            if step.release:
-                if first_text:
-                    service.observe_first_token(chat)
-                    first_text = False
-                yield chunk(choice, {"content": step.release}, None)
-            if step.blocked:
-                close(choice)
-                if isinstance(event, TextDelta):
-                    completion_tokens += choice.deltas
-                log.info("completion_withheld", choice=index, policy=chat.policy.name)
-                yield chunk(choice, {}, "content_filter")
-            elif not isinstance(event, TextDelta):
-                choice.open = False
-                yield chunk(choice, {}, finished.reason)
-        service.count_tokens(prompt_tokens, completion_tokens)
-        if include_usage:
-            yield sse(
-                {
-                    "id": chat.completion_id,
-                    "object": "chat.completion.chunk",
-                    "created": chat.created,
-                    "model": chat.model_id,
-                    "system_fingerprint": service.system_fingerprint,
-                    "choices": [],
-                    "usage": usage_body(prompt_tokens, completion_tokens),
-                }
-            )
-        yield sse("[DONE]")
-    except GatewayError as exc:
-        log.error("stream_failed", error=exc.message)
-        yield sse(exc.envelope())
-        yield sse("[DONE]")
-    finally:
-        for task in tasks:
+    async def start(self) -> None:
+        """Wait for each choice's first event; raise its error if it failed before it."""
+        waiting = set(range(len(self._tasks)))
+        while waiting:
+            index, event = await self._queue.get()
+            if index in waiting:
+                waiting.discard(index)
+                if isinstance(event, BaseException):
+                    raise engine_failure(event)
+                if not isinstance(event, TextDelta):
+                    checked_finish(event)  # an engine error or cancellation raises here
+            self._early.append((index, event))
+
+    async def _next(self) -> tuple[int, EngineEvent | BaseException]:
+        if self._early:
+            return self._early.popleft()
+        return await self._queue.get()
+
+    async def aclose(self) -> None:
+        """Stop generating (a no-op once every choice has finished)."""
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        """SSE bytes per the contract; closing this iterator does not stop generation:
+        `aclose` does."""
+        service, chat, tasks = self._service, self._chat, self._tasks
+        safe = _safe_results(chat)
+        choices = [ChoiceStream(chat, i, safe) for i in range(len(tasks))]
+        include_usage = chat.request.wants_usage_chunk
+        first_text = True
+        completion_tokens = 0
+        prompt_tokens = chat.prompt_tokens
+
+        def chunk(choice: ChoiceStream, delta: dict[str, Any], finish: str | None) -> bytes:
+            body: dict[str, Any] = {
+                "id": chat.completion_id,
+                "object": "chat.completion.chunk",
+                "created": chat.created,
+                "model": chat.model_id,
+                "system_fingerprint": service.system_fingerprint,
+                "choices": [
+                    {
+                        "index": choice.index,
+                        "delta": delta,
+                        "logprobs": None,
+                        "finish_reason": finish,
+                        "content_filter_results": choice.results,
+                    }
+                ],
+            }
+            if choice.index == 0 and delta.get("role"):
+                body["prompt_filter_results"] = chat.prompt_filter_results()
+            if include_usage:
+                body["usage"] = None  # as OpenAI does on every chunk but the last
+            return sse(body)
+
+        def close(choice: ChoiceStream) -> None:
+            choice.open = False
+            tasks[choice.index].cancel()  # stop generating what will never be sent
+
+        try:
+            for choice in choices:
+                yield chunk(choice, {"role": "assistant", "content": ""}, None)
+            while any(c.open for c in choices):
+                index, event = await self._next()
+                choice = choices[index]
+                if not choice.open:
+                    continue  # events already queued before the choice was closed
+                if isinstance(event, BaseException):
+                    raise engine_failure(event)
+                if isinstance(event, TextDelta):
+                    choice.deltas += 1
+                    chat.completion_tokens += 1
+                    step = await choice.moderator.feed(event.text)
+                else:
+                    finished = checked_finish(event)
+                    prompt_tokens = finished.prompt_tokens
+                    completion_tokens += finished.completion_tokens
+                    chat.completion_tokens += finished.completion_tokens - choice.deltas
+                    step = await choice.moderator.finish()
+                if step.result is not None:
+                    choice.results = step.result.content_filter_results()
+                if step.release:
+                    if first_text:
+                        service.observe_first_token(chat)
+                        first_text = False
+                    yield chunk(choice, {"content": step.release}, None)
+                if step.blocked:
+                    close(choice)
+                    if isinstance(event, TextDelta):
+                        completion_tokens += choice.deltas
+                    log.info("completion_withheld", choice=index, policy=chat.policy.name)
+                    yield chunk(choice, {}, "content_filter")
+                elif not isinstance(event, TextDelta):
+                    choice.open = False
+                    yield chunk(choice, {}, finished.reason)
+            service.count_tokens(prompt_tokens, completion_tokens)
+            if include_usage:
+                yield sse(
+                    {
+                        "id": chat.completion_id,
+                        "object": "chat.completion.chunk",
+                        "created": chat.created,
+                        "model": chat.model_id,
+                        "system_fingerprint": service.system_fingerprint,
+                        "choices": [],
+                        "usage": usage_body(prompt_tokens, completion_tokens),
+                    }
+                )
+            yield sse("[DONE]")
+        except GatewayError as exc:
+            log.error("stream_failed", error=exc.message)
+            yield sse(exc.envelope())
+            yield sse("[DONE]")
+
+
+def _safe_results(chat: PreparedChat) -> dict[str, Any]:
+    """The output results of a check that found nothing, for chunks sent before the first
+    check: the same for every request of a pipeline, so computed once per pipeline."""
+    pipeline = chat.pipeline
+    cached = _SAFE_OUTPUT.get(pipeline)
+    if cached is None:
+        cached = pipeline.safe_decision("output").content_filter_results()
+        _SAFE_OUTPUT[pipeline] = cached
+    return cached
+
+
+# Per pipeline object (a reloaded policy gets a new pipeline; old ones drop out with it).
+_SAFE_OUTPUT: weakref.WeakKeyDictionary[GuardPipeline, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 async def _pump(

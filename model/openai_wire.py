@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
 
+import orjson
 from PIL.Image import Image
 
 from model.engine import (
@@ -56,6 +57,25 @@ _FINISH_MAP: dict[str, FinishReason] = {
 # An upstream that never ends a line is broken, not slow: cap what one SSE line may hold.
 _MAX_SSE_LINE = 4 * 1024 * 1024
 _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"}
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Compact JSON as UTF-8 bytes, with orjson (5-10x faster than json.dumps on the hot path:
+    request bodies, responses, every SSE chunk). Falls back to json for what orjson refuses
+    (integers beyond 64 bits, non-string keys), so any value json accepted still encodes."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def json_loads(data: bytes | str) -> Any:
+    """json.loads with orjson's speed; what orjson refuses but json accepts (lone surrogate
+    escapes, NaN, integers beyond 64 bits) is still parsed, by json."""
+    try:
+        return orjson.loads(data)
+    except ValueError:
+        return json.loads(data)
 
 
 def map_finish_reason(raw: object) -> FinishReason:
@@ -262,7 +282,7 @@ def stream_error(error: object) -> UpstreamError:
 
 def _error_message(body: bytes) -> str:
     try:
-        parsed = json.loads(body)
+        parsed = json_loads(body)
         message = parsed["error"]["message"] if isinstance(parsed["error"], dict) else None
         return str(message or parsed["error"])
     except (ValueError, KeyError, TypeError):
@@ -336,7 +356,7 @@ def sse_events(data: bytes, state: StreamState) -> list[EngineEvent]:
         state.done = True
         return []
     try:
-        obj = json.loads(data)
+        obj = json_loads(data)
     except ValueError:
         raise UpstreamBadResponse(
             f"The upstream sent an event that is not JSON: {data[:80]!r}"
@@ -363,7 +383,7 @@ def sse_events(data: bytes, state: StreamState) -> list[EngineEvent]:
 
 def whole_answer(body: bytes, state: StreamState) -> list[EngineEvent]:
     try:
-        obj = json.loads(body)
+        obj = json_loads(body)
     except ValueError:
         raise UpstreamBadResponse("The upstream answered with a body that is not JSON.") from None
     if isinstance(obj, dict) and "error" in obj:

@@ -1,7 +1,8 @@
 """An engine that forwards to an OpenAI-compatible upstream: the CPU gateway's fast path.
 
-`OpenAIUpstreamEngine` posts to `<api_base>/chat/completions` through one pooled
-`aiohttp.ClientSession` per route (created at start; why not httpx: see the class), always
+`OpenAIUpstreamEngine` posts to `<api_base>/chat/completions` through one pool of keep-alive
+connections per route (`model.http1`, created at start; why not httpx or aiohttp: see the
+class), always
 with `stream: true` and `stream_options.include_usage`, parses the SSE bytes incrementally
 and yields each content delta as soon as its event is complete (nothing is re-buffered), then
 one `Finished`.
@@ -21,15 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
-
-import aiohttp
+from urllib.parse import urlsplit
 
 from model.engine import EngineEvent, EngineInfo, EngineRequest
+from model.http1 import ConnectionPool, ConnectTimeout, HTTPError, ReadTimeout, Response
 from model.openai_wire import (
     PromptCounter,
     SSEParser,
@@ -40,6 +40,7 @@ from model.openai_wire import (
     UpstreamUnavailable,
     build_messages,
     finished,
+    json_bytes,
     sampling_fields,
     sse_events,
     status_error,
@@ -91,23 +92,34 @@ class UpstreamConfig:
 class OpenAIUpstreamEngine:
     """`Engine` over an OpenAI-compatible `/chat/completions` (vLLM, TGI, this gateway, ...).
 
-    The client is aiohttp, not httpx: on this project's 2-core machine a pooled httpx streamed
-    call cost 1.1-3.1 ms of CPU (worse with concurrency) against 0.2-0.4 ms for aiohttp, and
-    httpx was 46% of the gateway's CPU under load (bench/gateway_overhead/client_micro.py)."""
+    The client is `model.http1` (an asyncio protocol with httptools), not httpx or aiohttp: on
+    this project's 2-core machine a pooled httpx streamed call cost 1.1-3.1 ms of CPU, aiohttp
+    0.2-0.4 ms, and this one about two thirds of aiohttp's; the upstream call was the largest
+    part of a guards-off gateway request (bench/gateway_overhead/client_micro.py)."""
 
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
-        self._session: aiohttp.ClientSession | None = None
-        self._url = config.api_base.rstrip("/") + "/chat/completions"
+        self._pool: ConnectionPool | None = None
+        self._url = urlsplit(config.api_base.rstrip("/") + "/chat/completions")
+        if self._url.scheme not in ("http", "https") or not self._url.hostname:
+            raise ValueError(f"api_base must be an http(s) URL: {config.api_base!r}")
         self._counter = PromptCounter(config.tokenizer_path)
-        self._headers = {
+        path = self._url.path + (f"?{self._url.query}" if self._url.query else "")
+        headers = {
+            "host": self._url.netloc.rpartition("@")[2],
             "content-type": "application/json",
             "accept": "text/event-stream",
             # A compressed SSE stream is buffered by the compressor: ask for none.
             "accept-encoding": "identity",
         }
         if config.api_key:
-            self._headers["authorization"] = f"Bearer {config.api_key}"
+            headers["authorization"] = f"Bearer {config.api_key}"
+        if any(c in v for v in headers.values() for c in "\r\n"):
+            raise ValueError("a header value for the upstream holds a line break")
+        # The request head, encoded once; each call adds x-request-id and content-length.
+        self._head = f"POST {path} HTTP/1.1\r\n".encode() + b"".join(
+            f"{k}: {v}\r\n".encode("latin-1") for k, v in headers.items()
+        )
         self._info = EngineInfo(
             model_id=config.model_id,
             context_length=config.context_length,
@@ -127,31 +139,26 @@ class OpenAIUpstreamEngine:
         return not self._counter.exact
 
     def ready(self) -> bool:
-        return self._session is not None
+        return self._pool is not None
 
     async def start(self) -> None:
-        if self._session is not None:
+        if self._pool is not None:
             return
         await asyncio.to_thread(self._counter.load)
         cfg = self.config
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=cfg.pool_size, limit_per_host=cfg.pool_size),
-            timeout=aiohttp.ClientTimeout(
-                total=None,  # ours: a deadline checked around each await (see _attempt)
-                connect=cfg.pool_timeout_s + cfg.connect_timeout_s,  # pool wait + connect
-                sock_connect=cfg.connect_timeout_s,
-                sock_read=cfg.read_timeout_s,
-            ),
-            # Proxies from the environment are for egress to the internet, not to engines.
-            trust_env=False,
-            auto_decompress=False,
-            raise_for_status=False,
+        # No proxies from the environment: they are for egress to the internet, not to engines.
+        self._pool = ConnectionPool(
+            self._url.geturl(),
+            size=cfg.pool_size,
+            connect_timeout=cfg.connect_timeout_s,
+            pool_timeout=cfg.pool_timeout_s,
+            read_timeout=cfg.read_timeout_s,
         )
 
     async def stop(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
 
     def count_prompt_tokens(self, request: EngineRequest) -> int:
         return self._counter(request.messages)
@@ -166,11 +173,11 @@ class OpenAIUpstreamEngine:
             "stream_options": {"include_usage": True},
             **sampling_fields(request),
         }
-        payload = json.dumps(body, separators=(",", ":")).encode()
-        headers = {**self._headers, "x-request-id": request.request_id}
+        payload = json_bytes(body)
+        head = self._head + b"x-request-id: " + request.request_id.encode("latin-1")
         state = StreamState()
         events = with_retries(
-            lambda: self._attempt(payload, headers, deadline, state),
+            lambda: self._attempt(payload, head, deadline, state),
             state,
             lambda reason, error: finished(self, request, state, reason, error),
             retries=cfg.retries,
@@ -182,35 +189,32 @@ class OpenAIUpstreamEngine:
                 yield event
 
     async def _attempt(
-        self, payload: bytes, headers: dict[str, str], deadline: float, state: StreamState
+        self, payload: bytes, head: bytes, deadline: float, state: StreamState
     ) -> AsyncGenerator[EngineEvent, None]:
         """One HTTP call. The total deadline is checked around each await, never across a
         yield: a timeout scope spanning a yield would cancel whatever the consumer awaits."""
-        session = self._session
-        if session is None:
+        pool = self._pool
+        if pool is None:
             raise UpstreamUnavailable("The upstream engine is not started.")
         try:
-            async with asyncio.timeout_at(deadline):
-                response = await session.post(self._url, data=payload, headers=headers)
-        except (TimeoutError, aiohttp.ClientError) as exc:
+            response = await pool.request(head, payload, deadline)
+        except (TimeoutError, HTTPError) as exc:
             raise _transport_error(exc, "Cannot reach the upstream") from exc
-        reusable = False
         try:
             if response.status != 200:
-                raise status_error(response.status, await _read(response, _MAX_ERROR_BODY))
-            kind = response.headers.get("content-type", "")
+                body = await _read(response, _MAX_ERROR_BODY, deadline)
+                raise status_error(response.status, body)
+            kind = response.content_type
             if kind.startswith("application/json"):
                 # An upstream that ignores `stream: true`: take the whole answer at once.
-                for event in whole_answer(await _read(response, _MAX_JSON_BODY), state):
+                for event in whole_answer(await _read(response, _MAX_JSON_BODY, deadline), state):
                     yield event
-                reusable = True
                 return
             if not kind.startswith("text/event-stream"):
                 raise UpstreamBadResponse(f"The upstream answered with content-type {kind!r}.")
             parser = SSEParser()
             while not state.done:
-                async with asyncio.timeout_at(deadline):
-                    chunk = await response.content.readany()
+                chunk = await response.read(deadline)
                 if not chunk:
                     break
                 for data in parser.feed(chunk):
@@ -220,37 +224,32 @@ class OpenAIUpstreamEngine:
                         break
             if not state.done and state.finish is None:
                 raise UpstreamUnavailable("The upstream closed the stream before it finished.")
-            reusable = await _drain(response, deadline)
-        except (TimeoutError, aiohttp.ClientError) as exc:
+            await _drain(response, deadline)
+        except (TimeoutError, HTTPError) as exc:
             raise _transport_error(exc, "The upstream connection failed") from exc
         finally:
-            # Back to the pool only when read to its end; otherwise close the connection, which
-            # is also how a client that left cancels the generation upstream.
-            if reusable:
-                response.release()
-            else:
-                response.close()
+            # Back to the pool only when read to its end; otherwise the connection is closed,
+            # which is also how a client that left cancels the generation upstream.
+            response.release()
 
 
-async def _drain(response: aiohttp.ClientResponse, deadline: float) -> bool:
+async def _drain(response: Response, deadline: float) -> None:
     """Read the end of the body after [DONE] (the chunked terminator, usually already here) so
     that the connection can go back to the pool: a new TCP connection per request cost ~15% of
-    the gateway's CPU under load (py-spy). True when the body ended."""
-    loop = asyncio.get_running_loop()
+    the gateway's CPU under load (py-spy)."""
+    until = min(deadline, asyncio.get_running_loop().time() + _DRAIN_S)
     left = _DRAIN_BYTES
-    with contextlib.suppress(TimeoutError, aiohttp.ClientError):
-        async with asyncio.timeout_at(min(deadline, loop.time() + _DRAIN_S)):
-            while left >= 0:
-                chunk = await response.content.readany()
-                if not chunk:
-                    return True
-                left -= len(chunk)
-    return False
+    with contextlib.suppress(TimeoutError, HTTPError):
+        while left >= 0:
+            chunk = await response.read(until)
+            if not chunk:
+                return
+            left -= len(chunk)
 
 
-async def _read(response: aiohttp.ClientResponse, limit: int) -> bytes:
+async def _read(response: Response, limit: int, deadline: float) -> bytes:
     out = bytearray()
-    while chunk := await response.content.readany():
+    while chunk := await response.read(deadline):
         out += chunk
         if len(out) > limit:
             raise UpstreamBadResponse(f"The upstream's answer is over {limit} bytes.")
@@ -258,17 +257,11 @@ async def _read(response: aiohttp.ClientResponse, limit: int) -> bytes:
 
 
 def _transport_error(exc: BaseException, what: str) -> UpstreamError:
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+    if isinstance(exc, ConnectTimeout):
         # Nothing was sent: another try (another pod behind the Service) is safe.
-        return UpstreamTimeout(
-            f"Timed out connecting to the upstream ({_describe(exc)}).", retryable=True
-        )
-    if isinstance(exc, aiohttp.SocketTimeoutError):
+        return UpstreamTimeout(f"Timed out connecting to the upstream ({exc}).", retryable=True)
+    if isinstance(exc, ReadTimeout):
         return UpstreamTimeout("The upstream did not answer within the read timeout.")
     if isinstance(exc, TimeoutError):
         return UpstreamTimeout("The upstream call exceeded its total timeout.")
-    return UpstreamUnavailable(f"{what}: {_describe(exc)}")
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return UpstreamUnavailable(f"{what}: {exc}")

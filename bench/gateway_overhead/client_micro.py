@@ -1,6 +1,7 @@
-"""Client-side CPU per streamed call against the zero-delay mock: httpx vs aiohttp vs the engine.
+"""Client-side CPU per streamed call against the zero-delay mock: httpx, aiohttp, model.http1, and
+the engine (model.http1 + SSE parsing + events).
 
-Why the upstream engine uses aiohttp. Start the mock first, then:
+Why the upstream engine has its own HTTP client. Start the mock first, then:
 
     python bench/gateway_overhead/mock_upstream.py --port 9105 &
     python bench/gateway_overhead/client_micro.py http://127.0.0.1:9105/v1 --concurrency 32
@@ -21,6 +22,7 @@ import aiohttp
 import httpx
 
 from model.engine import ChatTurn, EngineRequest, SamplingParams, TextPart
+from model.http1 import ConnectionPool
 from model.openai_wire import SSEParser
 from model.upstream import OpenAIUpstreamEngine, UpstreamConfig
 
@@ -81,6 +83,24 @@ async def main(base: str, calls: int, concurrency: int) -> None:
                     parse(parser, chunk)
 
         report("aiohttp ClientSession", await measure(via_aiohttp, calls, concurrency))
+
+    pool = ConnectionPool(base, size=64, connect_timeout=5.0, pool_timeout=10.0, read_timeout=120.0)
+    head = f"POST /{url.split('/', 3)[3]} HTTP/1.1\r\nhost: {url.split('/')[2]}\r\n".encode()
+    head += b"content-type: application/json"
+    loop = asyncio.get_running_loop()
+
+    async def via_http1(_: int) -> None:
+        deadline = loop.time() + 60
+        resp = await pool.request(head, BODY, deadline)
+        try:
+            parser = SSEParser()
+            while chunk := await resp.read(deadline):
+                parse(parser, chunk)
+        finally:
+            resp.release()
+
+    report("model.http1 ConnectionPool", await measure(via_http1, calls, concurrency))
+    await pool.close()
 
     engine = OpenAIUpstreamEngine(
         UpstreamConfig(model_id="m", api_base=base, upstream_model="mock", pool_size=64)

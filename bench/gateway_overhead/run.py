@@ -2,6 +2,10 @@
 and through LiteLLM Proxy (the anchor), on this machine.
 
     python bench/gateway_overhead/run.py [--litellm-venv /tmp/litellm-proxy-venv] [--profile]
+    python bench/gateway_overhead/run.py --before DIR [--before-without hiredis]  # a change
+
+`--before DIR` also measures the guards-off gateway from another checkout (`git archive REV |
+tar -x -C DIR`) in the same run, so a change and its baseline see the same machine.
 
 Needs: Redis on 127.0.0.1:6379 (admission runs: the bootstrap key gets an rpm and tpm limit),
 `wrk` on PATH, and LiteLLM Proxy in its own venv (`python -m venv V && V/bin/pip install
@@ -10,7 +14,8 @@ Needs: Redis on 127.0.0.1:6379 (admission runs: the bootstrap key gets an rpm an
 Per target: 300 sequential non-streaming requests (latency p50/p99), 100 sequential streams
 (time to the first chunk with content), then `wrk` with 32 connections for 10 s (requests/s)
 while the server's CPU time is read from /proc/<pid>/stat (utime+stime, its children
-included) to give CPU ms per request. Sequential requests are interleaved across targets so
+included) to give CPU ms per request (`--wrk-rounds N`: N runs per target, interleaved, the
+median reported). Sequential requests are interleaved across targets so
 that drift on a shared machine hits all of them alike. "Added" = target percentile minus the
 direct percentile. The client is `http.client` on one keep-alive connection per target.
 """
@@ -77,9 +82,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def spawn(
+    cmd: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT
+) -> subprocess.Popen[bytes]:
     out = log.open("wb")
-    return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
 
 
 def wait_http(port: int, path: str, headers: dict[str, str], timeout: float, log: Path) -> None:
@@ -244,6 +251,10 @@ def start_all(args: argparse.Namespace, work: Path) -> tuple[Target, list[Target
                 {**variants[0][1], "INLINE_TOKEN_COUNT": "1"},
             )
         )
+    if args.before:
+        # The same gateway from another checkout (e.g. `git archive <rev> | tar -x -C DIR`):
+        # baseline and change measured in one run, requests interleaved.
+        variants.insert(0, ("gateway before (guards off)", {**variants[0][1], "BEFORE": "1"}))
     if args.with_default_policy:
         variants.append(("gateway (default policy)", {"GATEWAY_DEFAULT_POLICY": "default"}))
     for name, extra in variants:
@@ -263,10 +274,26 @@ def start_all(args: argparse.Namespace, work: Path) -> tuple[Target, list[Target
             "GATEWAY_LOG_LEVEL": "warning",
         }
         log = work / f"gateway-{len(targets)}.log"
-        launcher = [sys.executable, str(HERE / "launcher.py"), "--upstream", upstream]
+        tree = ROOT
+        if extra.pop("BEFORE", None):
+            tree = args.before.resolve()
+            paths = [str(tree)]  # its packages, not this checkout's
+            if args.before_without:
+                # Optional modules it did not depend on (redis-py uses hiredis when present).
+                blocked = work / "blocked-modules"
+                blocked.mkdir(exist_ok=True)
+                for module in args.before_without.split(","):
+                    (blocked / f"{module}.py").write_text(f"raise ImportError('{module}')\n")
+                paths.insert(0, str(blocked))
+            if os.environ.get("PYTHONPATH"):
+                paths.append(os.environ["PYTHONPATH"])
+            gw_env["PYTHONPATH"] = os.pathsep.join(paths)
+            gw_env.pop("BEFORE", None)
+        launcher = [sys.executable, str(tree / "bench/gateway_overhead/launcher.py")]
+        launcher += ["--upstream", upstream]
         if extra.get("INLINE_TOKEN_COUNT"):
             launcher.append("--inline-token-count")
-        gw.proc = spawn([*launcher, "--port", str(gw.port)], gw_env, log)
+        gw.proc = spawn([*launcher, "--port", str(gw.port)], gw_env, log, cwd=tree)
         wait_http(gw.port, "/v1/models", gw.headers(), 120, log)
         targets.append(gw)
 
@@ -312,19 +339,26 @@ def start_all(args: argparse.Namespace, work: Path) -> tuple[Target, list[Target
 
 
 # Where a sampled stack belongs, first match wins (a frame name or file fragment -> a label).
+UPSTREAM = "upstream call (HTTP client, SSE parsing, body)"
 CATEGORIES = [
-    ("OpenAIUpstreamEngine", "upstream call (aiohttp, SSE parsing, body)"),
-    ("aiohttp", "upstream call (aiohttp, SSE parsing, body)"),
-    ("RateLimiter", "Redis: admission + settle (redis-py)"),
-    ("redis", "Redis: admission + settle (redis-py)"),
+    ("RequestResponseCycle.send", "uvicorn: writing responses to the socket"),
+    ("OpenAIUpstreamEngine", UPSTREAM),
+    ("model/http1", UPSTREAM),
+    ("openai_wire", UPSTREAM),
+    ("aiohttp", UPSTREAM),
+    ("RateLimiter", "Redis: admission + settle"),
+    ("ScriptRunner", "Redis: admission + settle"),
+    ("redis", "Redis: admission + settle"),
     ("AuthService", "auth (key cache, HMAC)"),
     ("ChatService.prepare", "chat prepare (pydantic parse, checks, token count)"),
     ("GuardPipeline", "guards pipeline"),
     ("ChatService.complete", "chat complete (response dict)"),
     ("json/encoder", "response JSON"),
-    ("RequestContextMiddleware", "middleware, routing, response send (FastAPI/Starlette)"),
-    ("starlette", "middleware, routing, response send (FastAPI/Starlette)"),
-    ("fastapi", "middleware, routing, response send (FastAPI/Starlette)"),
+    ("ChatCompletions", "chat endpoint (raw ASGI: headers, body, response, settle task)"),
+    ("chat_completions", "chat endpoint (FastAPI route)"),
+    ("RequestContextMiddleware", "request context middleware (request id, metrics, log)"),
+    ("starlette", "FastAPI/Starlette middleware, routing, responses"),
+    ("fastapi", "FastAPI/Starlette middleware, routing, responses"),
     ("uvicorn", "uvicorn HTTP server"),
 ]
 
@@ -343,6 +377,11 @@ def profile(gw: Target, seconds: int, conns: int, body: str, work: Path) -> list
     time.sleep(0.5)
     run_wrk(gw, seconds - 1, conns, body)
     spy.wait(60)
+    return summarize(raw, gw.name)
+
+
+def summarize(raw: Path, name: str) -> list[str]:
+    """A py-spy raw file: the share of samples per part of the request path, top own frames."""
     own: collections.Counter[str] = collections.Counter()
     parts: collections.Counter[str] = collections.Counter()
     samples = 0
@@ -354,7 +393,7 @@ def profile(gw: Target, seconds: int, conns: int, body: str, work: Path) -> list
         own[frames[-1]] += n
         label = next((lab for key, lab in CATEGORIES if key in stack), "event loop and other")
         parts[label] += n
-    lines = [f"py-spy --gil: {samples} samples of {gw.name} under wrk"]
+    lines = [f"py-spy --gil: {samples} samples of {name} under wrk"]
     lines += [f"{100 * n / samples:5.1f}%  {label}" for label, n in parts.most_common()]
     lines += ["top own frames:"]
     lines += [f"{100 * n / samples:5.1f}%  {f}" for f, n in own.most_common(12)]
@@ -371,7 +410,8 @@ def versions(targets: list[Target], args: argparse.Namespace) -> list[str]:
     out = [
         f"python {platform.python_version()}, uvicorn {v('uvicorn')}, uvloop {v('uvloop')}, "
         f"httptools {v('httptools')}, httpx {v('httpx')}, fastapi {v('fastapi')}, "
-        f"starlette {v('starlette')}, redis-py {v('redis')}",
+        f"starlette {v('starlette')}, redis-py {v('redis')}, hiredis {v('hiredis')}, "
+        f"orjson {v('orjson')}",
     ]
     lite = Path(args.litellm_venv) / "bin" / "python"
     if lite.exists():
@@ -396,6 +436,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--wrk-seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument(
+        "--wrk-rounds", type=int, default=1, help="wrk runs per target, interleaved; the median"
+    )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--litellm-venv", default="/tmp/litellm-proxy-venv")
     parser.add_argument("--profile", action="store_true", help="py-spy the gateway under wrk")
@@ -409,6 +452,17 @@ def main() -> None:
         "--with-default-policy",
         action="store_true",
         help="also measure a gateway with the shipped default policy (embedded guards on)",
+    )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="also measure the guards-off gateway from this checkout (the baseline of a change)",
+    )
+    parser.add_argument(
+        "--before-without",
+        metavar="MODULES",
+        help="comma-separated modules the --before gateway must not import (e.g. hiredis, "
+        "when the change added it as a dependency)",
     )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args()
@@ -433,10 +487,16 @@ def main() -> None:
                 first, content = one_stream(t, streaming)
                 t.first_chunk.append(first)
                 t.first_content.append(content)
+        rounds: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+        for _ in range(args.wrk_rounds):  # interleaved, so drift hits every target alike
+            for t in targets:
+                result = run_wrk(t, args.wrk_seconds, args.connections, plain.decode())
+                rounds[t.name].append(result)
         for t in targets:
-            t.wrk = run_wrk(t, args.wrk_seconds, args.connections, plain.decode())
+            t.wrk = median_round(rounds[t.name])
+        profiled = next(t for t in targets if t.name == "gateway (guards off)")
         profile_lines = (
-            profile(targets[1], args.wrk_seconds, args.connections, plain.decode(), work)
+            profile(profiled, args.wrk_seconds, args.connections, plain.decode(), work)
             if args.profile
             else []
         )
@@ -447,6 +507,16 @@ def main() -> None:
         for t in reversed(targets):
             stop(t.proc)
         print(f"(logs in {work})", file=sys.stderr)
+
+
+def median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median req/s (its CPU per request with it); non-2xx summed."""
+    ordered = sorted(runs, key=lambda r: r["rps"])
+    out = dict(ordered[len(ordered) // 2])
+    out["non_2xx"] = sum(r["non_2xx"] for r in runs)
+    out["rps_all"] = [round(r["rps"]) for r in runs]
+    out["cpu_all"] = [round(r["cpu_ms_per_request"], 2) for r in runs]
+    return out
 
 
 def _raw(t: Target) -> dict[str, Any]:
@@ -483,6 +553,10 @@ def report(
             + ("-" if direct else f"+{f99 - base_ttft[0.99]:.2f}")
             + f" | {t.wrk['rps']:.0f} | {t.wrk['cpu_ms_per_request']:.2f} | {t.wrk['non_2xx']} |"
         )
+    if args.wrk_rounds > 1:
+        print("\nwrk rounds (req/s; CPU ms/req), median reported above:")
+        for t in targets:
+            print(f"- {t.name}: {t.wrk['rps_all']}; {t.wrk['cpu_all']}")
     spread = statistics.pstdev(x * 1000 for x in mock.latencies)
     print(f"\n(direct latency stdev {spread:.2f} ms; mock CPU counted only on its own row)")
     if profile_lines:

@@ -284,3 +284,23 @@ def test_event_loop_answers_while_the_model_works(live_gateway) -> None:  # type
     assert httpx.get(live_gateway.base_url + "/healthz", timeout=5).status_code == 200
     assert engine.scheduler.active_count == 1  # still generating when the answer came
     worker.join()
+
+
+def test_a_non_streaming_client_that_gives_up_frees_the_engine(live_gateway) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    engine = live_gateway.server.config.app.state.router.routes[0].engine
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Long answer please"}],  # greedy: to max_tokens
+        "max_tokens": 1900,  # about 3 s of generation on the demo model here
+        "temperature": 0,
+    }
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            live_gateway.base_url + "/v1/chat/completions", json=body, headers=AUTH, timeout=0.5
+        )
+    deadline = time.monotonic() + 1.0
+    while engine.scheduler.active_count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.scheduler.active_count == 0  # cancelled, not generating 1500 tokens for nobody

@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from gateway.errors import RateLimited
+from gateway.errors import RateLimited, ServiceUnavailable
 from gateway.keys import ApiKey
 from gateway.ratelimit import RateLimiter, format_duration
 from gateway.redis_conn import RedisMetrics, key_name, make_client
@@ -267,3 +267,44 @@ async def test_metrics(client: aioredis.Redis, prefix: str) -> None:
     # Key names carry the key id as the Redis Cluster hash tag.
     assert await client.exists(key_name(prefix, key.id, "rq"))
     assert key_name("gw", "key_1", "rq") == "gw:{key_1}:rq"
+
+
+async def test_an_admission_answered_too_late_leaks_nothing(prefix: str) -> None:
+    """Redis runs the admission but its reply misses the deadline: the client gets 503, and
+    the recorded slot and reservation are undone in the background."""
+    delay = 0.0
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, slow: bool) -> None:
+        try:
+            while data := await reader.read(65536):
+                if slow and delay:
+                    await asyncio.sleep(delay)
+                writer.write(data)
+                await writer.drain()
+        except Exception:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", 6379)
+        await asyncio.gather(pipe(client_r, server_w, False), pipe(server_r, client_w, True))
+
+    proxy = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    slow = make_client(f"redis://127.0.0.1:{port}/0", socket_timeout_s=5, connect_timeout_s=5)
+    direct = make_client(REDIS_URL)
+    limiter = RateLimiter(slow, prefix=prefix, deadline_s=0.2)
+    key = make_key(max_concurrency=1, tpm=1000)
+    try:
+        await limiter.admit(make_key(rpm=100), 1, 1)  # warm: connection and script loaded
+        delay = 0.3
+        with pytest.raises(ServiceUnavailable):
+            await limiter.admit(key, 100, 100)
+        await asyncio.sleep(1.5)  # the late reply, then the undo through the same slow path
+        assert await direct.zcard(f"{prefix}:{{{key.id}}}:cc") == 0
+        assert int(await direct.get(f"{prefix}:{{{key.id}}}:tks") or 0) == 0
+    finally:
+        proxy.close()
+        await slow.aclose()
+        await direct.aclose()

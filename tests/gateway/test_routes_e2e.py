@@ -3,6 +3,7 @@ routing, moderation of upstream streams, upstream errors, usage into the rate li
 
 from __future__ import annotations
 
+import json
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -34,6 +35,10 @@ routes:
     api_base: {base}
     upstream_model: ok
     policy: no-world
+  - model: dropping-model
+    api_base: {base}
+    upstream_model: drop_after_first
+    retries: 0
 """
 
 NO_WORLD = """\
@@ -83,7 +88,7 @@ def sdk(server: LiveServer, key: str = TEST_API_KEY) -> openai.OpenAI:
 
 def test_models_lists_every_route_and_no_local_model(gateway: LiveServer) -> None:
     ids = [m.id for m in sdk(gateway).models.list().data]
-    assert ids == ["fast-model", "broken-model", "guarded-model"]
+    assert ids == ["fast-model", "broken-model", "guarded-model", "dropping-model"]
     assert sdk(gateway).models.retrieve("fast").id == "fast-model"  # alias, any case
 
 
@@ -123,6 +128,59 @@ def test_upstream_failure_maps_to_503(gateway: LiveServer) -> None:
     assert err.value.status_code == 503
     body: Any = err.value.body
     assert body["code"] == "upstream_unavailable"
+
+
+def test_streamed_upstream_failure_before_the_first_token_is_an_http_error(
+    gateway: LiveServer,
+) -> None:
+    # The gateway waits for the engine's first event before it starts the SSE response, so a
+    # failure before any text is a real 503 (not a 200 whose stream carries the error).
+    body = {"model": "broken-model", "messages": [{"role": "user", "content": "hi"}]}
+    auth = {"Authorization": f"Bearer {TEST_API_KEY}"}
+    url = gateway.base_url + "/v1/chat/completions"
+    with httpx.stream("POST", url, json={**body, "stream": True}, headers=auth) as resp:
+        resp.read()
+    assert resp.status_code == 503
+    assert resp.headers["content-type"] == "application/json"
+    error = resp.json()["error"]
+    assert error["code"] == "upstream_unavailable"
+    assert error["type"] == "server_error"
+    assert "engine exploded" in error["message"]
+    assert resp.headers["x-request-id"]
+    assert resp.headers["x-policy"].startswith("default; version=")
+    with pytest.raises(openai.InternalServerError) as err:
+        sdk(gateway).chat.completions.create(**body, stream=True)  # type: ignore[call-overload]
+    assert err.value.status_code == 503
+    # Nothing is left behind: the same key goes on streaming from a working route.
+    stream = sdk(gateway).chat.completions.create(
+        model="fast-model", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    sent = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert sent == "".join(WORDS)
+
+
+def test_streamed_upstream_failure_after_the_first_token_ends_with_an_error_event(
+    gateway: LiveServer,
+) -> None:
+    # Once the engine produced text the response starts (200 for good), so a failure after
+    # it comes as the last event. (The default policy holds the text back until it is checked;
+    # what was held back when the upstream dropped is never sent.)
+    body = {
+        "model": "dropping-model",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+    }
+    auth = {"Authorization": f"Bearer {TEST_API_KEY}"}
+    url = gateway.base_url + "/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, headers=auth) as resp:
+        events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+    assert resp.status_code == 200
+    assert resp.headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all("choices" in c for c in chunks[:-1])
+    assert chunks[-1]["error"]["code"] == "engine_error"
 
 
 def test_upstream_usage_settles_the_rate_limiter(gateway: LiveServer) -> None:
