@@ -31,6 +31,16 @@ log = structlog.get_logger(__name__)
 END_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
 
 
+def eos_ids(processor: Any, model: Any) -> set[int]:
+    """Token ids that end a completion: Llama's end tokens and the generation config's."""
+    tokenizer = processor.tokenizer
+    eos = {tid for t in END_TOKENS if (tid := tokenizer.convert_tokens_to_ids(t)) is not None}
+    eos.discard(tokenizer.unk_token_id)
+    gen_eos = model.generation_config.eos_token_id
+    eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos else [])
+    return eos
+
+
 def pick_device(choice: str) -> torch.device:
     if choice == "cpu":
         return torch.device("cpu")
@@ -83,13 +93,10 @@ class LocalMllamaEngine:
         model = model.to(self._device).eval()  # type: ignore[arg-type]
         text_config = model.config.get_text_config(decoder=True)
         self._context_length = self._context_override or int(text_config.max_position_embeddings)
-        tokenizer = processor.tokenizer
-        eos = {tid for t in END_TOKENS if (tid := tokenizer.convert_tokens_to_ids(t)) is not None}
-        eos.discard(tokenizer.unk_token_id)
-        gen_eos = model.generation_config.eos_token_id
-        eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos else [])
         runner = MllamaRunner(model, processor, self._device)
-        self._scheduler = BatchScheduler(runner, tokenizer, eos, self._max_batch)
+        self._scheduler = BatchScheduler(
+            runner, processor.tokenizer, eos_ids(processor, model), self._max_batch
+        )
         self._processor, self._model = processor, model
         self._renderer = PromptRenderer(processor)
         self._scheduler.start()

@@ -28,7 +28,7 @@ from model.fast.graphs import DecodeGraphs
 from model.fast.kv_cache import CacheGeometry, ImageStateCache, StaticKVCache, plan_slots
 from model.fast.sampling import SlotSampler
 from model.fast.sequence import PreparedImages
-from model.local_engine import END_TOKENS, pick_device
+from model.local_engine import eos_ids, pick_device
 from model.prompt import PromptRenderer
 from model.scheduler import queue_emitter
 
@@ -41,16 +41,6 @@ def image_key(image: Image) -> bytes:
     digest.update(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
     digest.update(image.tobytes())
     return digest.digest()
-
-
-def eos_ids(processor: Any, model: Any) -> set[int]:
-    """End-of-turn ids: the Llama 3 end tokens the tokenizer knows, plus the generation config's."""
-    tokenizer = processor.tokenizer
-    eos = {tid for t in END_TOKENS if (tid := tokenizer.convert_tokens_to_ids(t)) is not None}
-    eos.discard(tokenizer.unk_token_id)
-    gen_eos = model.generation_config.eos_token_id
-    eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos else [])
-    return eos
 
 
 class FastMllamaEngine:
