@@ -1,9 +1,9 @@
 """Start today's gateway app in front of an OpenAI-compatible upstream, for the benchmark.
 
-Until the ModelRouter is wired into `create_app`, `gateway serve` cannot route to an upstream;
-this builds `create_app(settings, engine=OpenAIUpstreamEngine(...))` instead (settings from the
-usual GATEWAY_* environment) and runs uvicorn as `gateway serve` does, with uvloop and httptools
-when installed (uvicorn's "auto").
+`gateway serve` with a routes file (GATEWAY_ROUTES_FILE) does the same in production; the
+benchmark builds `create_app(settings, engine=OpenAIUpstreamEngine(...))` itself (settings from
+the usual GATEWAY_* environment) so that the "before" checkout, which predates the routes file,
+runs the same way, with uvicorn as `gateway serve` runs it (uvloop and httptools when installed).
 
     GATEWAY_MODEL_ID=bench-model GATEWAY_REDIS_URL=redis://127.0.0.1:6379/0 \
     GATEWAY_BOOTSTRAP_KEY=sk-... python bench/gateway_overhead/launcher.py \
