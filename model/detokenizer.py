@@ -9,8 +9,10 @@ itself is never released.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from model.engine import Finished, FinishReason, TextDelta
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -106,3 +108,33 @@ class IncrementalDetokenizer:
                     longest = n
                     break
         return longest
+
+
+class StreamedSequence(Protocol):
+    """What `finish_stream` needs of an engine's per-request state."""
+
+    done: bool
+    finish_reason: Any
+
+    @property
+    def detok(self) -> IncrementalDetokenizer: ...
+    @property
+    def emit(self) -> Callable[[Any], None]: ...
+    @property
+    def completion_tokens(self) -> int: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+
+
+def finish_stream(seq: StreamedSequence, reason: FinishReason, error: str | None = None) -> None:
+    """End a request's stream once: release held text (unless it stopped or failed), then one
+    `Finished` event with the exact token counts."""
+    if seq.done:
+        return
+    seq.done = True
+    seq.finish_reason = reason
+    if reason in ("stop", "length"):
+        tail = seq.detok.flush()
+        if tail:
+            seq.emit(TextDelta(tail))
+    seq.emit(Finished(reason, seq.prompt_tokens, seq.completion_tokens, error))

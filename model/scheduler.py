@@ -23,8 +23,8 @@ import structlog
 import torch
 from PIL.Image import Image
 
-from model.detokenizer import Decoder, IncrementalDetokenizer
-from model.engine import EngineEvent, EngineRequest, Finished, FinishReason, TextDelta
+from model.detokenizer import Decoder, IncrementalDetokenizer, finish_stream
+from model.engine import EngineEvent, EngineRequest, FinishReason, TextDelta
 from model.runner import MllamaRunner
 from model.sampling import TokenSampler
 
@@ -52,15 +52,7 @@ class Sequence:
         return bool(self.images)
 
     def finish(self, reason: FinishReason, error: str | None = None) -> None:
-        if self.done:
-            return
-        self.done = True
-        self.finish_reason = reason
-        if reason in ("stop", "length"):
-            tail = self.detok.flush()
-            if tail:
-                self.emit(TextDelta(tail))
-        self.emit(Finished(reason, self.prompt_tokens, self.completion_tokens, error))
+        finish_stream(self, reason, error)
 
 
 def queue_emitter(

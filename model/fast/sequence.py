@@ -8,14 +8,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.detokenizer import IncrementalDetokenizer
+from model.detokenizer import IncrementalDetokenizer, finish_stream
 from model.engine import (
     EngineEvent,
     EngineOverloaded,
     EngineRequest,
-    Finished,
     FinishReason,
-    TextDelta,
 )
 
 
@@ -76,12 +74,4 @@ class FastSequence:
         return self.last_token is not None and not self.done
 
     def finish(self, reason: FinishReason, error: str | None = None) -> None:
-        if self.done:
-            return
-        self.done = True
-        self.finish_reason = reason
-        if reason in ("stop", "length"):
-            tail = self.detok.flush()
-            if tail:
-                self.emit(TextDelta(tail))
-        self.emit(Finished(reason, self.prompt_tokens, self.completion_tokens, error))
+        finish_stream(self, reason, error)
