@@ -15,6 +15,7 @@ layer counts differ from the real model; the layout (special tokens after the re
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import shutil
 import tempfile
@@ -360,6 +361,12 @@ def build_demo_model(out_dir: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
         for name, param in model.named_parameters():
             if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
                 param.fill_(1.0)
+        # The end tokens' output rows are zero: their logit is 0 while the largest of the
+        # others is positive, so greedy decoding never ends an answer by itself. Where a random
+        # model "ended" depended on the whole prompt, which holds today's date (the template's
+        # `strftime_now`), so tests that need a long answer broke from one day to the next.
+        # Sampled answers can still end (rarely); stop strings and max_tokens end the rest.
+        model.lm_head.weight[text.eos_token_id] = 0.0
     model.generation_config = GenerationConfig(  # the real checkpoint's sampling defaults
         bos_token_id=text.bos_token_id,
         eos_token_id=text.eos_token_id,
@@ -374,6 +381,8 @@ def build_demo_model(out_dir: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
 
 
 DEMO_MARKER = ".demo-model-complete"
+# Bumped when build_demo_model changes what it writes: an older demo directory is rebuilt.
+DEMO_VERSION = 2
 
 
 def ensure_demo_model(out_dir: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
@@ -383,13 +392,15 @@ def ensure_demo_model(out_dir: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
     never leaves a half-written checkpoint that the next start would try to load.
     """
     out_dir = pathlib.Path(out_dir)
-    if (out_dir / DEMO_MARKER).exists():
-        return out_dir
+    marker = f"seed={seed} version={DEMO_VERSION}\n"
+    with contextlib.suppress(OSError):
+        if (out_dir / DEMO_MARKER).read_text() == marker:
+            return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".demo-build-") as tmp:
         staging = pathlib.Path(tmp) / "model"
         build_demo_model(staging, seed=seed)
-        (staging / DEMO_MARKER).write_text(f"seed={seed}\n")
+        (staging / DEMO_MARKER).write_text(marker)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)

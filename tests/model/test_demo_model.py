@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoProcessor, AutoTokenizer, MllamaForConditionalGeneration
 
-from model.demo_model import build_demo_model
+from model.demo_model import DEMO_MARKER, DEMO_VERSION, build_demo_model, ensure_demo_model
 
 SPECIALS = {
     "<|begin_of_text|>": 0,
@@ -199,3 +199,34 @@ def test_build_is_deterministic(demo_dir: pathlib.Path, tmp_path: pathlib.Path) 
     assert gates and all((g != 0).all() for g in gates)
     tokenizer_json = (demo_dir / "tokenizer.json").read_text()
     assert (tmp_path / "again" / "tokenizer.json").read_text() == tokenizer_json
+
+
+def test_greedy_never_ends_by_itself_whatever_the_date(model: Any, processor: Any) -> None:
+    """The template writes today's date into every prompt; the demo model's greedy answers run
+    to max_new_tokens on any day, so tests that need a long answer do not depend on the date."""
+    eos = list(model.generation_config.eos_token_id)
+    assert (model.lm_head.weight[eos] == 0).all()
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Long answer please"}]}]
+    for day in ("01 Jan 2024", "28 Nov 2026", "29 Feb 2028", "31 Dec 2030"):
+        prompt = processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False, date_string=day
+        )
+        assert f"Today Date: {day}" in prompt
+        batch = processor(text=[prompt], add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=64, do_sample=False)
+        new = out[0, batch["input_ids"].shape[1] :].tolist()
+        assert len(new) == 64 and not set(new) & set(eos), day
+
+
+def test_an_older_demo_directory_is_rebuilt(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "demo"
+    ensure_demo_model(out)
+    (out / DEMO_MARKER).write_text("seed=0\n")  # what version 1 wrote
+    (out / "model.safetensors").write_bytes(b"stale")
+    ensure_demo_model(out)
+    assert (out / DEMO_MARKER).read_text() == f"seed=0 version={DEMO_VERSION}\n"
+    assert load_file(out / "model.safetensors")  # a real checkpoint again
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    ensure_demo_model(out)  # current: reused as it is
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
