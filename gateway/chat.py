@@ -134,7 +134,12 @@ class ChatService:
         max_tokens = self._max_tokens(request, prompt_tokens, engine.info.context_length)
         completion_id = f"chat-{secrets.token_hex(16)}"
         engine_requests = [
-            EngineRequest(f"{completion_id}-{i}", turns, request.sampling_params(max_tokens, i))
+            EngineRequest(
+                f"{completion_id}-{i}",
+                turns,
+                request.sampling_params(max_tokens, i),
+                stream=bool(request.stream),
+            )
             for i in range(request.choices)
         ]
         return PreparedChat(

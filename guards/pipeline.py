@@ -139,6 +139,15 @@ class GuardPipeline:
                 plans.append(_Planned(name, guard, policy.timeout_for(name)))
             self._plans[stage] = plans
             self._skipped[stage] = skipped
+        # A stage with no guard decides the same for every text: built once, shared (a
+        # Decision is not changed after `decide`), its counter child looked up once.
+        self._unguarded: dict[Stage, tuple[Decision, Counter]] = {}
+        for stage in self._plans:
+            if not self._plans[stage]:
+                decision = self.safe_decision(stage)
+                outcome = "blocked" if decision.blocked else "allowed"
+                child = self.metrics.decisions.labels(stage, policy.name, outcome)
+                self._unguarded[stage] = (decision, child)
         for stage, names in self._skipped.items():
             if names:
                 log.info(
@@ -175,6 +184,11 @@ class GuardPipeline:
             return []
         if any(item.stage != stage for item in items):
             raise ValueError(f"every item must be at stage {stage!r}")
+        unguarded = self._unguarded.get(stage)
+        if unguarded is not None:  # the guards-off hot path: no gather, no decide
+            decision, counter = unguarded
+            counter.inc(len(items))
+            return [decision] * len(items)
         plans = self._plans[stage]
         results = await asyncio.gather(*(self._run_guard(p, stage, items) for p in plans))
         ran, skipped = self.guards_for(stage), self._skipped[stage]

@@ -62,6 +62,10 @@ class EngineRequest:
     request_id: str
     messages: tuple[ChatTurn, ...]
     sampling: SamplingParams
+    # Whether the client reads the answer as it is made. Local engines stream either way; an
+    # upstream engine fetches a non-streamed answer in one piece (one response to parse, not
+    # an SSE event per token, and the upstream writes it once).
+    stream: bool = True
 
     @property
     def images(self) -> list[Image]:

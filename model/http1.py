@@ -204,16 +204,21 @@ class ConnectionPool:
         self._read_timeout = read_timeout
         self._open: set[_Connection] = set()
 
-    async def request(self, head: bytes, body: bytes, deadline: float) -> Response:
+    async def request(
+        self, head: bytes, body: bytes, deadline: float, read_timeout: float | None = None
+    ) -> Response:
         """Send one request (`head`: request line and headers, without the blank line) and
-        wait for the answer's status and headers."""
+        wait for the answer's status and headers. `read_timeout`: the longest silence for this
+        request (default: the pool's)."""
+        if read_timeout is None:
+            read_timeout = self._read_timeout
         conn = await self._acquire(deadline)
         try:
             conn._reset()
             assert conn.transport is not None
             conn.transport.write(b"%s\r\ncontent-length: %d\r\n\r\n%s" % (head, len(body), body))
             loop = asyncio.get_running_loop()
-            timeout_at = loop.time() + self._read_timeout
+            timeout_at = loop.time() + read_timeout
             while not conn.headers_done:
                 if conn.error is not None:
                     raise conn.error
@@ -221,12 +226,15 @@ class ConnectionPool:
         except BaseException:
             self.put_back(conn, reuse=False)
             raise
-        return Response(self, conn, self._read_timeout)
+        return Response(self, conn, read_timeout)
 
     async def _acquire(self, deadline: float) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout_at(min(deadline, loop.time() + self._pool_timeout)):
+            if self._slots.locked():  # a free slot needs no timeout scope (the usual case)
+                async with asyncio.timeout_at(min(deadline, loop.time() + self._pool_timeout)):
+                    await self._slots.acquire()
+            else:
                 await self._slots.acquire()
         except TimeoutError:
             if loop.time() >= deadline:

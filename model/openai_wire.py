@@ -398,6 +398,8 @@ def whole_answer(body: bytes, state: StreamState) -> list[EngineEvent]:
     state.finish = choice.get("finish_reason")
     state.take_usage(obj.get("usage"))
     state.done = True
+    if state.completion_tokens is None:  # no usage: the same estimate as for prompts
+        state.completion_tokens = math.ceil(len(text) / 4)
     if not text:
         return []
     state.deltas += 1

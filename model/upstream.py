@@ -2,10 +2,13 @@
 
 `OpenAIUpstreamEngine` posts to `<api_base>/chat/completions` through one pool of keep-alive
 connections per route (`model.http1`, created at start; why not httpx or aiohttp: see the
-class), always
-with `stream: true` and `stream_options.include_usage`, parses the SSE bytes incrementally
-and yields each content delta as soon as its event is complete (nothing is re-buffered), then
-one `Finished`.
+class). A streaming request goes up with `stream: true` and `stream_options.include_usage`;
+the SSE bytes are parsed incrementally and each content delta is yielded as soon as its event
+is complete (nothing is re-buffered), then one `Finished`. A non-streaming request goes up
+with `stream: false` (the gateway needs the whole answer before its output guards anyway): one
+JSON answer to parse instead of an event per token, and the upstream writes it once. It is
+silent until it is whole, so `read_timeout_s` (the longest silence) does not apply to it; the
+total timeout does.
 
 Errors: before the first delta, `generate` raises an `UpstreamError` subclass (502 bad answer,
 503 unavailable, 504 timeout) after retrying what is safe to retry; after the first delta it
@@ -75,7 +78,9 @@ class UpstreamConfig:
     upstream_model: str | None = None  # the name sent upstream; default: model_id
     api_key: str | None = None
     connect_timeout_s: float = 5.0
-    read_timeout_s: float = 120.0  # longest silence: time to first byte, gap between chunks
+    # Longest silence of a stream: time to first byte, gap between chunks (a non-streamed
+    # answer comes whole at the end: only total_timeout_s bounds it).
+    read_timeout_s: float = 120.0
     total_timeout_s: float = 600.0  # the whole call: retries and the full stream
     pool_timeout_s: float = 10.0  # waiting for a free pooled connection
     pool_size: int = 100
@@ -166,18 +171,20 @@ class OpenAIUpstreamEngine:
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
         cfg = self.config
         deadline = asyncio.get_running_loop().time() + cfg.total_timeout_s
-        body = {
+        body: dict[str, object] = {
             "model": cfg.sent_model,
             "messages": await build_messages(request),
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            **sampling_fields(request),
+            "stream": request.stream,
         }
-        payload = json_bytes(body)
+        if request.stream:
+            body["stream_options"] = {"include_usage": True}
+        payload = json_bytes(body | sampling_fields(request))
         head = self._head + b"x-request-id: " + request.request_id.encode("latin-1")
+        # A non-streamed answer is silent until it is whole: only the total timeout bounds it.
+        read_timeout = cfg.read_timeout_s if request.stream else cfg.total_timeout_s
         state = StreamState()
         events = with_retries(
-            lambda: self._attempt(payload, head, deadline, state),
+            lambda: self._attempt(payload, head, deadline, read_timeout, state),
             state,
             lambda reason, error: finished(self, request, state, reason, error),
             retries=cfg.retries,
@@ -189,7 +196,7 @@ class OpenAIUpstreamEngine:
                 yield event
 
     async def _attempt(
-        self, payload: bytes, head: bytes, deadline: float, state: StreamState
+        self, payload: bytes, head: bytes, deadline: float, read_timeout: float, state: StreamState
     ) -> AsyncGenerator[EngineEvent, None]:
         """One HTTP call. The total deadline is checked around each await, never across a
         yield: a timeout scope spanning a yield would cancel whatever the consumer awaits."""
@@ -197,7 +204,7 @@ class OpenAIUpstreamEngine:
         if pool is None:
             raise UpstreamUnavailable("The upstream engine is not started.")
         try:
-            response = await pool.request(head, payload, deadline)
+            response = await pool.request(head, payload, deadline, read_timeout)
         except (TimeoutError, HTTPError) as exc:
             raise _transport_error(exc, "Cannot reach the upstream") from exc
         try:

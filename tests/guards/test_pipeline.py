@@ -227,6 +227,27 @@ async def test_guard_without_the_stage_is_unavailable_there() -> None:
     assert decision.errors == {"profanity": "guard not available (not configured)"}
 
 
+async def test_a_stage_without_guards_allows_and_counts_each_item() -> None:
+    """The guards-off hot path (no gather, one decision built at start) decides as `decide`
+    would and still counts every decision."""
+    registry = CollectorRegistry()
+    text = POLICY.replace("  profanity: {stages: [input, output]}\n", "").replace(
+        "  blocklist: {stages: [input, output]}", "  blocklist: {stages: [input]}"
+    )
+    pipeline = GuardPipeline(_policy(text), _guards(FakeGuard("profanity")), registry)
+    assert pipeline.guards_for("output") == []
+    items = [GuardInput(stage="output", messages=(), completion=c) for c in ("a", "fuck", "b")]
+    decisions = await pipeline.run("output", items)
+    assert len(decisions) == 3 and not any(d.blocked for d in decisions)
+    want = pipeline.safe_decision("output")
+    assert all(d.content_filter_results() == want.content_filter_results() for d in decisions)
+    assert all(d.policy == "p" and d.errors == {} and d.hits == {} for d in decisions)
+    allowed = {"stage": "output", "policy": "p", "outcome": "allowed"}
+    assert _sample(registry, "gateway_guard_decisions_total", **allowed) == 3.0
+    (blocked,) = await pipeline.run("input", [_prompt("GATEWAY-CANARY-BLOCK")])
+    assert blocked.blocked  # the input stage still runs its guards
+
+
 async def test_safe_decision_has_the_stage_keys() -> None:
     pipeline = GuardPipeline(load_policy(POLICY_DIR / "default.yaml"), {})
     results = pipeline.safe_decision("input").content_filter_results()

@@ -85,6 +85,13 @@ class MockUpstream:
             return await _json(send, 200, {})
         if mode == "json":
             return await _json(send, 200, _completion("whole answer"))
+        if mode == "late":  # silent for 0.4 s before it answers
+            await asyncio.sleep(0.4)
+        if not body["stream"] and mode in ("ok", "nousage", "late"):
+            answer = _completion("".join(WORDS), finish="stop")
+            if mode == "nousage":
+                del answer["usage"]
+            return await _json(send, 200, answer)
         await send_sse_start(send)
         if mode == "garbage":
             return await _send(send, b"data: {not json\n\n", more=False)
@@ -127,11 +134,11 @@ def _chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
     return _sse({"id": "c", "object": "chat.completion.chunk", "choices": [choice]})
 
 
-def _completion(text: str) -> dict[str, Any]:
+def _completion(text: str, finish: str = "length") -> dict[str, Any]:
     message = {"role": "assistant", "content": text}
     usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
     return {
-        "choices": [{"index": 0, "message": message, "finish_reason": "length"}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
         "usage": usage,
     }
 
@@ -200,10 +207,10 @@ def mock() -> Any:
 _ids = iter(range(1_000_000))
 
 
-def request(*parts: TextPart | ImagePart, **sampling: Any) -> EngineRequest:
+def request(*parts: TextPart | ImagePart, stream: bool = True, **sampling: Any) -> EngineRequest:
     params = SamplingParams(max_tokens=sampling.pop("max_tokens", 16), **sampling)
     turns = (ChatTurn("system", (TextPart("Be brief."),)), ChatTurn("user", parts))
-    return EngineRequest(f"req-{next(_ids)}", turns, params)
+    return EngineRequest(f"req-{next(_ids)}", turns, params, stream=stream)
 
 
 def engine_for(mock: MockServer, mode: str, **config: Any) -> OpenAIUpstreamEngine:
@@ -371,6 +378,40 @@ async def test_missing_usage_is_counted(mock: MockServer) -> None:
 
 async def test_content_filter_finish_reason_is_kept(mock: MockServer) -> None:
     events = await collect(engine_for(mock, "filtered"), request(TextPart("Hi")))
+    assert isinstance(events[-1], Finished) and events[-1].reason == "content_filter"
+
+
+async def test_a_non_streaming_request_fetches_one_json_answer(mock: MockServer) -> None:
+    req = request(TextPart("Hi"), stream=False, temperature=0.0)
+    events = await collect(engine_for(mock, "ok"), req)
+    assert events == [TextDelta("".join(WORDS)), Finished("stop", 5, 2)]
+    (body,) = mock.app.bodies[req.request_id]
+    assert body["stream"] is False and "stream_options" not in body
+    assert (body["max_tokens"], body["temperature"]) == (16, 0.0)
+
+
+async def test_a_non_streamed_answer_without_usage_is_counted(mock: MockServer) -> None:
+    req = request(TextPart("Hello there, how are you?"), stream=False)
+    events = await collect(engine_for(mock, "nousage"), req)
+    # The prompt as for streams; the completion by the same estimate: ceil(11 chars / 4).
+    assert events[-1] == Finished("stop", estimate_prompt_tokens(req.messages), 3)
+
+
+async def test_the_read_timeout_bounds_streams_not_whole_answers(mock: MockServer) -> None:
+    """A non-streamed answer is silent until it is whole: only the total timeout applies."""
+    engine = engine_for(mock, "late", read_timeout_s=0.2, retries=0)
+    events = await collect(engine, request(TextPart("Hi"), stream=False))
+    assert texts(events) == ["".join(WORDS)]
+    with pytest.raises(UpstreamTimeout, match="read timeout"):
+        await collect(engine, request(TextPart("Hi")))
+    with pytest.raises(UpstreamTimeout, match="total"):
+        late = engine_for(mock, "late", total_timeout_s=0.2, retries=0)
+        await collect(late, request(TextPart("Hi"), stream=False))
+
+
+async def test_an_upstream_that_streams_anyway_still_works(mock: MockServer) -> None:
+    events = await collect(engine_for(mock, "filtered"), request(TextPart("Hi"), stream=False))
+    assert texts(events) == WORDS
     assert isinstance(events[-1], Finished) and events[-1].reason == "content_filter"
 
 
