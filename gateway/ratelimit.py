@@ -1,6 +1,7 @@
 """Per-key admission: requests/min, tokens/min and concurrency, decided in one Redis round trip.
 
-One Lua script (EVALSHA; redis-py reloads it on NOSCRIPT) purges expired state, checks all
+One Lua script (EVALSHA on the limiter's pipelined connection, `gateway.redis_scripts`; reloaded
+on NOSCRIPT) purges expired state, checks all
 three limits and records the admission atomically, using the Redis server's clock (`TIME`) so
 replicas with skewed clocks agree. Per API key (one Cluster slot via the `{id}` hash tag):
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import math
 import re
 import time
@@ -25,18 +25,16 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import redis.asyncio as aioredis
 import structlog
-from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import RateLimited, ServiceUnavailable
 from gateway.keys import ApiKey
 from gateway.redis_conn import REDIS_ERRORS, RedisMetrics, key_name, limits_settings, with_deadline
+from gateway.redis_scripts import ScriptRunner
 
 log = structlog.get_logger(__name__)
 
@@ -135,82 +133,6 @@ class Admission:
 SETTLE_DEADLINE_S = 2.0
 
 
-class ScriptRunner:
-    """EVALSHA of the scripts above on connections of the limiter's own: one write and one read.
-
-    Why not `client.register_script(...)(...)`: redis-py's command path (pool lock, retry
-    wrapper, observability hooks, packing, and a task per write for the socket timeout) cost
-    ~70 us of CPU per call on top of the round trip; at two calls per request that was a fifth
-    of a guards-off request's CPU. The connections are redis-py's own class with the client's
-    settings (URL, auth, TLS, connect timeout) but no socket timeout: every call runs under the
-    limiter's deadline (`with_deadline`), and a call cut off by it loses its connection
-    (redis-py disconnects on any exception while reading), so a late reply is never read by
-    another call. As in `make_client`, a connection error is retried once, on a new connection
-    (a stale one after a Redis restart); NOSCRIPT loads the script and runs it again.
-    """
-
-    def __init__(self, client: aioredis.Redis) -> None:
-        self._client = client
-        self._idle: list[AbstractConnection] = []
-        self._open = 0
-        self._sha = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in _SCRIPTS.items()}
-
-    def _connection(self, fresh: bool) -> AbstractConnection:
-        if self._idle and not fresh:
-            return self._idle.pop()
-        pool = self._client.connection_pool
-        if self._open >= pool.max_connections:
-            raise RedisConnectionError("Too many connections")
-        self._open += 1
-        return pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
-
-    async def run(self, name: str, keys: list[str], args: list[str | int]) -> Any:
-        packed = _pack("EVALSHA", self._sha[name], len(keys), *keys, *args)
-        fresh = loaded = False
-        while True:
-            conn = self._connection(fresh)
-            try:
-                await conn.send_packed_command(packed, check_health=False)
-                reply = await conn.read_response()
-            except NoScriptError:  # a Redis restarted or flushed since: load, run again
-                self._idle.append(conn)
-                if loaded:
-                    raise
-                await self._client.script_load(_SCRIPTS[name])
-                loaded = True
-                continue
-            except RedisConnectionError:
-                self._drop(conn)
-                if fresh:
-                    raise
-                fresh = True
-                continue
-            except BaseException:
-                self._drop(conn)  # e.g. cut off by the deadline: its reply may still come
-                raise
-            self._idle.append(conn)
-            return reply
-
-    def _drop(self, conn: AbstractConnection) -> None:
-        # redis-py disconnected it already: it does on any error while sending or reading.
-        self._open -= 1
-
-    async def aclose(self) -> None:
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            self._open -= 1
-            await conn.disconnect()
-
-
-def _pack(*parts: str | int) -> bytes:
-    """A command in RESP, as redis-py packs str and int arguments."""
-    out = [b"*%d\r\n" % len(parts)]
-    for part in parts:
-        data = str(part).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
-
-
 class RateLimiter:
     """Admission control for API keys against Redis. Shared by all requests of one app."""
 
@@ -232,7 +154,7 @@ class RateLimiter:
         self.deadline_s = deadline_s
         self.fail_open = failure_mode == "open"
         self.metrics = metrics
-        self._scripts = ScriptRunner(client)
+        self._scripts = ScriptRunner(client, _SCRIPTS)
         self._last_open_log = 0.0
         self._compensating: set[asyncio.Task[None]] = set()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -12,12 +13,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import redis
 from prometheus_client import CollectorRegistry
-from redis.asyncio.connection import Connection
 from typer.testing import CliRunner
 
 from gateway.auth import AuthService
@@ -137,37 +136,77 @@ async def test_unresponsive_redis_times_out(server: Server) -> None:
     await client.aclose()
 
 
-class CountingConnection(Connection):
-    """Counts writes to the socket: one per round trip (a command and its reply)."""
+class CountingProxy:
+    """A TCP proxy in front of a Redis server that counts what the client writes (each read
+    from the client's side is one socket write of the client, as the calls are spaced)."""
 
-    sends = 0
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.chunks = 0
+        self.server: asyncio.Server | None = None
 
-    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        CountingConnection.sends += 1
-        await super().send_packed_command(command, check_health)
+    async def __aenter__(self) -> str:
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: bool):  # type: ignore[no-untyped-def]
+            with contextlib.suppress(Exception):
+                while data := await reader.read(1 << 20):
+                    self.chunks += count
+                    writer.write(data)
+                    await writer.drain()
+            writer.close()
+
+        async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+            server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target)
+            await asyncio.gather(pipe(client_r, server_w, True), pipe(server_r, client_w, False))
+
+        self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
 
 
 async def test_one_round_trip_per_admit_and_settle(server: Server) -> None:
-    client = make_client(server.url)
-    client.connection_pool.connection_class = CountingConnection
-    rl = RateLimiter(client)
     probe = redis.Redis(port=server.port, decode_responses=True)
-    key = make_key(rpm=1000, tpm=10**6, max_concurrency=100)
-    await rl.settle(await rl.admit(key, 1, 1), 1)  # loads the scripts (NOSCRIPT, LOAD)
 
     def evalsha_calls() -> int:
-        stats = probe.info("commandstats")
-        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+        return int(probe.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
 
-    sends, calls = CountingConnection.sends, evalsha_calls()
-    admissions = [await rl.admit(key, 10, 10) for _ in range(20)]
-    assert (CountingConnection.sends - sends, evalsha_calls() - calls) == (20, 20)
-    sends, calls = CountingConnection.sends, evalsha_calls()
-    for a in admissions:
-        await rl.settle(a, 5)
-    assert (CountingConnection.sends - sends, evalsha_calls() - calls) == (20, 20)
+    proxy = CountingProxy(server.port)
+    async with proxy as url:
+        client = make_client(url)
+        rl = RateLimiter(client)
+        key = make_key(rpm=1000, tpm=10**6, max_concurrency=100)
+        await rl.settle(await rl.admit(key, 1, 1), 1)  # loads the scripts (NOSCRIPT, LOAD)
+        # One write from the client and one EVALSHA on the server per call.
+        writes, calls = proxy.chunks, evalsha_calls()
+        admissions = [await rl.admit(key, 10, 10) for _ in range(20)]
+        assert (proxy.chunks - writes, evalsha_calls() - calls) == (20, 20)
+        writes, calls = proxy.chunks, evalsha_calls()
+        for a in admissions:
+            await rl.settle(a, 5)
+        assert (proxy.chunks - writes, evalsha_calls() - calls) == (20, 20)
+        await rl.aclose()
+        await client.aclose()
     probe.close()
-    await client.aclose()
+
+
+async def test_concurrent_calls_share_one_connection_and_its_writes(server: Server) -> None:
+    """Auto-pipelining: the admissions of 50 concurrent requests leave in one write or a few,
+    and each gets its own reply (in order)."""
+    proxy = CountingProxy(server.port)
+    async with proxy as url:
+        client = make_client(url)
+        rl = RateLimiter(client)
+        key = make_key(rpm=1000)
+        await rl.settle(await rl.admit(key, 1, 1), 1)  # connected, scripts loaded
+        writes = proxy.chunks
+        admissions = await asyncio.gather(*(rl.admit(key, 1, 1) for _ in range(50)))
+        assert proxy.chunks - writes <= 3
+        # Each reply went to its own caller: the window counts 2..51, each seen once.
+        assert sorted(a.remaining_requests or 0 for a in admissions) == list(range(949, 999))
+        await rl.aclose()
+        await client.aclose()
 
 
 def test_embedded_redis_persists_across_restart(tmp_path: Path) -> None:
@@ -219,3 +258,47 @@ def test_cli_on_embedded_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert (tmp_path / "key_secret").exists()
     listed = runner.invoke(keys_app, ["list"])  # a new embedded server, same data
     assert listed.exit_code == 0 and "demo" in listed.stdout
+
+
+async def test_a_connection_that_answers_nothing_is_replaced(server: Server) -> None:
+    """Calls given up on by their deadline keep their place on the connection (replies are
+    matched in order), but a connection that answers nothing at all for `stale_s` is dropped
+    and the next call connects again."""
+    from gateway.redis_scripts import ScriptRunner
+
+    connections = 0
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, drop: bytes):  # type: ignore[no-untyped-def]
+        with contextlib.suppress(Exception):
+            while data := await reader.read(65536):
+                if not (drop and drop in data):
+                    writer.write(data)
+        writer.close()
+
+    async def black_hole(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        """Passes the handshake (HELLO, ...) to Redis; swallows every EVALSHA."""
+        nonlocal connections
+        connections += 1
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", server.port)
+        await asyncio.gather(
+            forward(client_r, server_w, b"EVALSHA"), forward(server_r, client_w, b"")
+        )
+
+    hole = await asyncio.start_server(black_hole, "127.0.0.1", 0)
+    client = make_client(f"redis://127.0.0.1:{hole.sockets[0].getsockname()[1]}/0")
+    runner = ScriptRunner(client, {"one": "return 1"}, stale_s=0.3)
+    try:
+        for _ in range(2):
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await runner.run("one", [], [])
+        assert connections == 1  # a call given up on does not cost the connection
+        await asyncio.sleep(0.3)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await runner.run("one", [], [])
+        assert connections == 2  # silent for longer than stale_s: connected again
+    finally:
+        await runner.aclose()
+        await client.aclose()
+        hole.close()
