@@ -1,7 +1,8 @@
 """Server-sent events for a chat completion, with output moderation per choice.
 
 Every choice streams through its own `StreamModerator`: text is sent only after the policy's
-output guards passed it (held back at most the policy's window), a violation stops that
+output guards passed it (held back at most the policy's window; a policy with no output guard
+holds nothing back), a violation stops that
 choice's generation and ends it with `finish_reason: "content_filter"`, and what was withheld
 is never sent. Every chunk carries `content_filter_results`; `prompt_filter_results` rides on
 the first chunk; the usage chunk (only with `stream_options.include_usage`) is the one chunk
@@ -23,7 +24,7 @@ from gateway.errors import GatewayError
 from guards.base import GuardInput
 from guards.decision import Decision
 from guards.pipeline import GuardPipeline
-from guards.streaming import StreamModerator
+from guards.streaming import ModerationStep, StreamModerator
 from model.engine import EngineEvent, TextDelta
 from model.openai_wire import json_bytes
 
@@ -43,6 +44,8 @@ class ChoiceStream:
         self.results = safe  # the results of the last check (safe until the first one)
         self.deltas = 0
         self.open = True
+        # No output guard at all: nothing to hold text back for, it is sent as it comes.
+        self.moderated = bool(chat.pipeline.guards_for("output"))
 
         async def check(text: str) -> Decision:
             item = GuardInput("output", chat.turns, completion=text)
@@ -151,13 +154,16 @@ class ChatStream:
                 if isinstance(event, TextDelta):
                     choice.deltas += 1
                     chat.completion_tokens += 1
-                    step = await choice.moderator.feed(event.text)
+                    if choice.moderated:
+                        step = await choice.moderator.feed(event.text)
+                    else:
+                        step = ModerationStep(release=event.text)
                 else:
                     finished = checked_finish(event)
                     prompt_tokens = finished.prompt_tokens
                     completion_tokens += finished.completion_tokens
                     chat.completion_tokens += finished.completion_tokens - choice.deltas
-                    step = await choice.moderator.finish()
+                    step = await choice.moderator.finish() if choice.moderated else _NOTHING
                 if step.result is not None:
                     choice.results = step.result.content_filter_results()
                 if step.release:
@@ -192,6 +198,9 @@ class ChatStream:
             log.error("stream_failed", error=exc.message)
             yield sse(exc.envelope())
             yield sse("[DONE]")
+
+
+_NOTHING: ModerationStep[Decision] = ModerationStep()
 
 
 def _safe_results(chat: PreparedChat) -> dict[str, Any]:

