@@ -141,10 +141,18 @@ class ChatStream:
             choice.open = False
             tasks[choice.index].cancel()  # stop generating what will never be sent
 
+        # Chunks ready together leave in one write: they are collected in `out` and yielded
+        # just before the stream waits (for the engine or a guard), and at the end. A real
+        # engine's tokens come one at a time, each sent at once; a burst (the role chunk and
+        # the first text, the last text, finish, usage and [DONE]) costs one write, not five.
+        out: list[bytes] = []
         try:
             for choice in choices:
-                yield chunk(choice, {"role": "assistant", "content": ""}, None)
+                out.append(chunk(choice, {"role": "assistant", "content": ""}, None))
             while any(c.open for c in choices):
+                if out and not self._early and self._queue.empty():
+                    yield b"".join(out)
+                    out.clear()
                 index, event = await self._next()
                 choice = choices[index]
                 if not choice.open:
@@ -155,6 +163,9 @@ class ChatStream:
                     choice.deltas += 1
                     chat.completion_tokens += 1
                     if choice.moderated:
+                        if out:
+                            yield b"".join(out)
+                            out.clear()
                         step = await choice.moderator.feed(event.text)
                     else:
                         step = ModerationStep(release=event.text)
@@ -163,6 +174,9 @@ class ChatStream:
                     prompt_tokens = finished.prompt_tokens
                     completion_tokens += finished.completion_tokens
                     chat.completion_tokens += finished.completion_tokens - choice.deltas
+                    if choice.moderated and out:
+                        yield b"".join(out)
+                        out.clear()
                     step = await choice.moderator.finish() if choice.moderated else _NOTHING
                 if step.result is not None:
                     choice.results = step.result.content_filter_results()
@@ -170,34 +184,38 @@ class ChatStream:
                     if first_text:
                         service.observe_first_token(chat)
                         first_text = False
-                    yield chunk(choice, {"content": step.release}, None)
+                    out.append(chunk(choice, {"content": step.release}, None))
                 if step.blocked:
                     close(choice)
                     if isinstance(event, TextDelta):
                         completion_tokens += choice.deltas
                     log.info("completion_withheld", choice=index, policy=chat.policy.name)
-                    yield chunk(choice, {}, "content_filter")
+                    out.append(chunk(choice, {}, "content_filter"))
                 elif not isinstance(event, TextDelta):
                     choice.open = False
-                    yield chunk(choice, {}, finished.reason)
+                    out.append(chunk(choice, {}, finished.reason))
             service.count_tokens(prompt_tokens, completion_tokens)
             if include_usage:
-                yield sse(
-                    {
-                        "id": chat.completion_id,
-                        "object": "chat.completion.chunk",
-                        "created": chat.created,
-                        "model": chat.model_id,
-                        "system_fingerprint": service.system_fingerprint,
-                        "choices": [],
-                        "usage": usage_body(prompt_tokens, completion_tokens),
-                    }
+                out.append(
+                    sse(
+                        {
+                            "id": chat.completion_id,
+                            "object": "chat.completion.chunk",
+                            "created": chat.created,
+                            "model": chat.model_id,
+                            "system_fingerprint": service.system_fingerprint,
+                            "choices": [],
+                            "usage": usage_body(prompt_tokens, completion_tokens),
+                        }
+                    )
                 )
-            yield sse("[DONE]")
+            out.append(sse("[DONE]"))
+            yield b"".join(out)
         except GatewayError as exc:
             log.error("stream_failed", error=exc.message)
-            yield sse(exc.envelope())
-            yield sse("[DONE]")
+            # What passed moderation before the failure is still sent, then the error.
+            out += (sse(exc.envelope()), sse("[DONE]"))
+            yield b"".join(out)
 
 
 _NOTHING: ModerationStep[Decision] = ModerationStep()

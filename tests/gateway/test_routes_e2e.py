@@ -43,6 +43,10 @@ routes:
     api_base: {base}
     upstream_model: slow
     policy: input-only
+  - model: fast-unguarded
+    api_base: {base}
+    upstream_model: ok
+    policy: input-only
   - model: slow-guarded
     api_base: {base}
     upstream_model: slow
@@ -253,3 +257,51 @@ def test_a_policy_without_output_guards_holds_no_text_back(gateway: LiveServer) 
     # With an output guard, text without a boundary is held (up to the window) for checks.
     first, text = _first_content_s(gateway, "slow-guarded")
     assert first > 1.5 and text == "x" * 100
+
+
+def _http_chunks(gateway: LiveServer, body: dict[str, Any]) -> list[bytes]:
+    """POST and return the response body's HTTP/1.1 chunks as sent (one per write)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(gateway.base_url)
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: {url.netloc}\r\n"
+        f"authorization: Bearer {TEST_API_KEY}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(payload)}\r\nconnection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(head + payload)
+        raw = b""
+        while data := sock.recv(65536):
+            raw += data
+    headers, _, rest = raw.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in headers.lower()
+    chunks = []
+    while True:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return chunks
+        chunks.append(rest[:size])
+        rest = rest[size + 2 :]
+
+
+def test_stream_events_ready_together_leave_in_one_write(gateway: LiveServer) -> None:
+    """A burst (role chunk and first text; finish, usage and [DONE]) is one write, while text
+    that comes over time is sent as it comes."""
+    body = {
+        "model": "fast-unguarded",  # no output guard: each word is sent as it comes
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    chunks = _http_chunks(gateway, body)
+    events = b"".join(chunks).count(b"data: ")
+    assert events == 7, chunks  # role, 3 words, finish, usage, [DONE]
+    assert len(chunks) <= 5, chunks  # one write per event would be 7
+    assert b'"role":"assistant"' in chunks[0] and b'"content":"Hel"' in chunks[0]
+    assert chunks[-1].endswith(b"data: [DONE]\n\n") and b'"usage":{' in chunks[-1]
+    slow = _http_chunks(gateway, {**body, "model": "slow-unguarded"})
+    assert b"".join(slow).count(b'"content":"x"') == 100 and len(slow) > 50
