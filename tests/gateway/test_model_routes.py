@@ -12,12 +12,11 @@ import openai
 import pytest
 
 from gateway.errors import GatewayError
-from gateway.model_routes import (
+from gateway.model_routes import ModelRouter, gateway_error
+from gateway.routes_file import (
     LiteLLMRoute,
-    ModelRouter,
     RoutesFileError,
     UpstreamRoute,
-    gateway_error,
     load_routes_file,
     parse_routes,
 )
