@@ -35,13 +35,17 @@ class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
         self.app = app
         self.metrics = metrics
+        # Bound once (with the logging configuration of this app): the module's lazy proxy
+        # builds a new bound logger on every call, ~10 us per request for the access line.
+        self._access_log = log.bind()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        sent = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
-        request_id = sent if _REQUEST_ID.match(sent) else f"req_{secrets.token_hex(12)}"
+        sent = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
+        client_id = sent.decode("latin-1")
+        request_id = client_id if _REQUEST_ID.match(client_id) else f"req_{secrets.token_hex(12)}"
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
@@ -83,7 +87,7 @@ class RequestContextMiddleware:
         finally:
             elapsed = time.perf_counter() - started
             self.metrics.observe_request(_route_label(scope["path"]), status, elapsed)
-            log.info(
+            self._access_log.info(
                 "request",
                 method=scope.get("method"),
                 path=scope["path"],
