@@ -11,8 +11,9 @@ bench/gateway_overhead). Here, as in ioredis' auto-pipelining:
 - a caller that gives up (the limiter's deadline) only abandons its future: its reply is read
   and dropped, the order stays intact, and the connection is kept;
 - a connection that answers nothing for `STALE_S` while calls wait is aborted; the next call
-  connects again. A connection error is retried once, on a new connection (a stale one after a
-  Redis restart); NOSCRIPT loads the script and runs it again.
+  connects again. A call that fails with a connection error (a stale connection after a Redis
+  restart) is retried once, on the connection that replaced it; NOSCRIPT loads the script and
+  runs it again.
 
 The connection is opened by redis-py with the client's settings (URL, AUTH, SELECT, TLS, connect
 timeout), then its transport is taken over by `_Pipe`.
@@ -117,15 +118,15 @@ class ScriptRunner:
 
     async def run(self, name: str, keys: list[str], args: list[str | int]) -> Any:
         packed = _pack("EVALSHA", self._sha[name], len(keys), *keys, *args)
-        fresh = loaded = False
+        retried = loaded = False
         while True:
             try:
-                pipe = await self._connection(fresh)
+                pipe = await self._connection()
                 reply = await pipe.call(packed)
             except (RedisConnectionError, OSError):
-                if fresh:
+                if retried:
                     raise
-                fresh = True
+                retried = True  # once, on the connection that replaced the lost one
                 continue
             if isinstance(reply, ResponseError):
                 if str(reply).startswith("NOSCRIPT") and not loaded:
@@ -136,9 +137,12 @@ class ScriptRunner:
                 raise NoScriptError(str(reply)) if str(reply).startswith("NOSCRIPT") else reply
             return reply
 
-    async def _connection(self, fresh: bool) -> _Pipe:
+    async def _connection(self) -> _Pipe:
+        """The live connection, or a new one when it was lost. (Never a new one while it lives:
+        after a Redis restart, every caller whose call failed retries, and each must not replace
+        the connection that the others are already using.)"""
         pipe = self._pipe
-        if pipe is not None and pipe.lost is None and not fresh:
+        if pipe is not None and pipe.lost is None:
             return pipe
         if self._connecting is None:  # one connect for every caller that needs it now
             self._connecting = asyncio.ensure_future(self._connect())
@@ -148,9 +152,7 @@ class ScriptRunner:
     def _connected(self, connecting: asyncio.Future[_Pipe]) -> None:
         self._connecting = None
         if not connecting.cancelled() and connecting.exception() is None:
-            old, self._pipe = self._pipe, connecting.result()
-            if old is not None and old.lost is None:
-                old.close(RedisConnectionError("replaced by a new connection"))
+            self._pipe = connecting.result()  # the old one, if any, was lost
 
     async def _connect(self) -> _Pipe:
         pool = self._client.connection_pool

@@ -143,20 +143,27 @@ class CountingProxy:
     def __init__(self, port: int) -> None:
         self.target = port
         self.chunks = 0
+        self.connections = 0
+        self.evalsha_connections: set[int] = set()  # the ones that carried an EVALSHA
         self.server: asyncio.Server | None = None
 
     async def __aenter__(self) -> str:
-        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: bool):  # type: ignore[no-untyped-def]
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: int):  # type: ignore[no-untyped-def]
+            """count: the connection's number (0: the server's side, not counted)"""
             with contextlib.suppress(Exception):
                 while data := await reader.read(1 << 20):
-                    self.chunks += count
+                    self.chunks += count > 0
+                    if count and b"EVALSHA" in data:
+                        self.evalsha_connections.add(count)
                     writer.write(data)
                     await writer.drain()
             writer.close()
 
         async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            number = self.connections
             server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target)
-            await asyncio.gather(pipe(client_r, server_w, True), pipe(server_r, client_w, False))
+            await asyncio.gather(pipe(client_r, server_w, number), pipe(server_r, client_w, 0))
 
         self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
         return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
@@ -258,6 +265,30 @@ def test_cli_on_embedded_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert (tmp_path / "key_secret").exists()
     listed = runner.invoke(keys_app, ["list"])  # a new embedded server, same data
     assert listed.exit_code == 0 and "demo" in listed.stdout
+
+
+async def test_after_a_redis_restart_concurrent_calls_share_one_new_connection(
+    server: Server,
+) -> None:
+    """Every call that finds the connection lost retries once, and all of them on the same
+    new connection: none replaces the connection the others already use (which would fail
+    their calls in turn)."""
+    proxy = CountingProxy(server.port)
+    async with proxy as url:
+        client = make_client(url)
+        rl = RateLimiter(client)
+        key = make_key(rpm=1000)
+        await rl.settle(await rl.admit(key, 1, 1), 1)
+        assert len(proxy.evalsha_connections) == 1
+        server.kill()
+        server.start()  # same port, empty: the pipe is lost and the scripts are gone
+        await asyncio.sleep(0.1)
+        admissions = await asyncio.gather(*(rl.admit(key, 1, 1) for _ in range(30)))
+        assert all(a.admitted and not a.degraded for a in admissions)
+        assert sorted(a.remaining_requests or 0 for a in admissions) == list(range(970, 1000))
+        assert len(proxy.evalsha_connections) == 2  # one new connection for all 30 calls
+        await rl.aclose()
+        await client.aclose()
 
 
 async def test_a_connection_that_answers_nothing_is_replaced(server: Server) -> None:
