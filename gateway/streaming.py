@@ -44,8 +44,6 @@ class ChoiceStream:
         self.results = safe  # the results of the last check (safe until the first one)
         self.deltas = 0
         self.open = True
-        # No output guard at all: nothing to hold text back for, it is sent as it comes.
-        self.moderated = bool(chat.pipeline.guards_for("output"))
 
         async def check(text: str) -> Decision:
             item = GuardInput("output", chat.turns, completion=text)
@@ -110,6 +108,8 @@ class ChatStream:
         safe = _safe_results(chat)
         choices = [ChoiceStream(chat, i, safe) for i in range(len(tasks))]
         include_usage = chat.request.wants_usage_chunk
+        # No output guard at all: nothing to hold text back for, it is sent as it comes.
+        moderated = bool(chat.pipeline.guards_for("output"))
         first_text = True
         completion_tokens = 0
         prompt_tokens = chat.prompt_tokens
@@ -142,15 +142,15 @@ class ChatStream:
             tasks[choice.index].cancel()  # stop generating what will never be sent
 
         # Chunks ready together leave in one write: they are collected in `out` and yielded
-        # just before the stream waits (for the engine or a guard), and at the end. A real
-        # engine's tokens come one at a time, each sent at once; a burst (the role chunk and
-        # the first text, the last text, finish, usage and [DONE]) costs one write, not five.
+        # just before the stream may wait (for the engine, or for a guard when moderated), and
+        # at the end. A real engine's tokens come one at a time, each sent at once; a burst
+        # (the role chunk and the first text; finish, usage and [DONE]) costs one write.
         out: list[bytes] = []
         try:
             for choice in choices:
                 out.append(chunk(choice, {"role": "assistant", "content": ""}, None))
             while any(c.open for c in choices):
-                if out and not self._early and self._queue.empty():
+                if out and (moderated or (not self._early and self._queue.empty())):
                     yield b"".join(out)
                     out.clear()
                 index, event = await self._next()
@@ -162,10 +162,7 @@ class ChatStream:
                 if isinstance(event, TextDelta):
                     choice.deltas += 1
                     chat.completion_tokens += 1
-                    if choice.moderated:
-                        if out:
-                            yield b"".join(out)
-                            out.clear()
+                    if moderated:
                         step = await choice.moderator.feed(event.text)
                     else:
                         step = ModerationStep(release=event.text)
@@ -174,10 +171,7 @@ class ChatStream:
                     prompt_tokens = finished.prompt_tokens
                     completion_tokens += finished.completion_tokens
                     chat.completion_tokens += finished.completion_tokens - choice.deltas
-                    if choice.moderated and out:
-                        yield b"".join(out)
-                        out.clear()
-                    step = await choice.moderator.finish() if choice.moderated else _NOTHING
+                    step = await choice.moderator.finish() if moderated else _NOTHING
                 if step.result is not None:
                     choice.results = step.result.content_filter_results()
                 if step.release:
