@@ -261,14 +261,22 @@ class ChatService:
     async def _collect(self, chat: PreparedChat, request: EngineRequest) -> tuple[str, Finished]:
         pieces: list[str] = []
         first = True
-        async for event in chat.engine.generate(request):
-            if isinstance(event, TextDelta):
-                if first:
-                    self.observe_first_token(chat)
-                    first = False
-                pieces.append(event.text)
-            else:
-                return "".join(pieces), checked_finish(event)
+        events = chat.engine.generate(request)
+        try:
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    if first:
+                        self.observe_first_token(chat)
+                        first = False
+                    pieces.append(event.text)
+                else:
+                    return "".join(pieces), checked_finish(event)
+        finally:
+            # Closed here, at once: a generator left to the garbage collector is closed later
+            # by the loop's finalizer hook, with a thread-safe wake-up and a task of its own.
+            closer = getattr(events, "aclose", None)
+            if closer is not None:
+                await closer()
         raise EngineFailed("The engine ended the stream without a finish event.")
 
     def observe_first_token(self, chat: PreparedChat) -> None:

@@ -330,3 +330,57 @@ def test_openai_sdk_through_the_gateway_streams_upstream_deltas(gateway_over_moc
     assert resp.choices[0].message.content == "".join(WORDS)
     # Non-streaming: fetched as one JSON answer upstream, whose usage says 5 + 2.
     assert resp.usage is not None and resp.usage.completion_tokens == 2
+
+
+async def test_the_engines_generator_is_closed_by_the_request_not_the_gc(
+    tmp_path: Path,
+) -> None:
+    """A non-streaming completion closes the engine's event generator itself. Left to the
+    garbage collector, every request cost the loop's async-generator finalizer: a thread-safe
+    wake-up and a task of its own to close it later."""
+    import sys
+
+    import httpx
+
+    from gateway.app import create_app
+
+    finalized: list[str] = []
+    hooks = sys.get_asyncgen_hooks()
+
+    def finalizer(agen: Any) -> None:
+        finalized.append(agen.__qualname__)
+        assert hooks.finalizer is not None
+        hooks.finalizer(agen)
+
+    with MockServer() as mock:
+        engine = OpenAIUpstreamEngine(
+            UpstreamConfig(model_id="served-model", api_base=mock.base_url, upstream_model="ok")
+        )
+        settings = Settings(
+            model_id="served-model",
+            model_aliases=[],
+            state_dir=tmp_path,
+            redis_url=REDIS_URL,
+            redis_key_prefix=f"gwtest-routes-{secrets.token_hex(4)}",
+            bootstrap_key=TEST_API_KEY,
+        )
+        app = create_app(settings, engine=engine)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+                sys.set_asyncgen_hooks(firstiter=hooks.firstiter, finalizer=finalizer)
+                try:
+                    for _ in range(3):
+                        resp = await client.post(
+                            "/v1/chat/completions",
+                            json={
+                                "model": "served-model",
+                                "messages": [{"role": "user", "content": "Hi"}],
+                            },
+                            headers={"Authorization": f"Bearer {TEST_API_KEY}"},
+                        )
+                        assert resp.status_code == 200, resp.text
+                        assert resp.json()["choices"][0]["message"]["content"] == "".join(WORDS)
+                finally:
+                    sys.set_asyncgen_hooks(*hooks)
+    assert not [name for name in finalized if "generate" in name], finalized
