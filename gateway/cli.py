@@ -26,6 +26,7 @@ def serve(
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.http_server import CoalescingHttpToolsProtocol
 
     overrides: dict[str, object] = {}
     if host is not None:
@@ -40,6 +41,7 @@ def serve(
         port=settings.port,
         log_config=None,
         access_log=False,
+        http=CoalescingHttpToolsProtocol,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )
 

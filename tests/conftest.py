@@ -21,12 +21,15 @@ def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class LiveServer:
-    """A real uvicorn server on a free loopback port, in a background thread."""
+    """A real uvicorn server on a free loopback port, in a background thread, with the HTTP
+    protocol that `gateway serve` uses."""
 
-    def __init__(self, app: object) -> None:
+    def __init__(self, app: object, http: type | None = None) -> None:
         import socket
 
         import uvicorn
+
+        from gateway.http_server import CoalescingHttpToolsProtocol
 
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
@@ -34,7 +37,14 @@ class LiveServer:
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)  # type: ignore[arg-type]
+            uvicorn.Config(
+                app,  # type: ignore[arg-type]
+                host="127.0.0.1",
+                port=port,
+                log_config=None,
+                access_log=False,
+                http=http or CoalescingHttpToolsProtocol,
+            )
         )
 
     def __enter__(self) -> LiveServer:

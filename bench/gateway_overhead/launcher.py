@@ -3,7 +3,8 @@
 `gateway serve` with a routes file (GATEWAY_ROUTES_FILE) does the same in production; the
 benchmark builds `create_app(settings, engine=OpenAIUpstreamEngine(...))` itself (settings from
 the usual GATEWAY_* environment) so that the "before" checkout, which predates the routes file,
-runs the same way, with uvicorn as `gateway serve` runs it (uvloop and httptools when installed).
+runs the same way, with uvicorn as `gateway serve` runs it (uvloop, and httptools behind the
+gateway's write-coalescing protocol).
 
     GATEWAY_MODEL_ID=bench-model GATEWAY_REDIS_URL=redis://127.0.0.1:6379/0 \
     GATEWAY_BOOTSTRAP_KEY=sk-... python bench/gateway_overhead/launcher.py \
@@ -34,6 +35,7 @@ def main() -> None:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.http_server import CoalescingHttpToolsProtocol
     from gateway.settings import Settings
     from model.upstream import OpenAIUpstreamEngine, UpstreamConfig
 
@@ -55,7 +57,7 @@ def main() -> None:
         log_config=None,
         access_log=False,
         loop="auto",
-        http="auto",
+        http=CoalescingHttpToolsProtocol,
         timeout_graceful_shutdown=2,
     )
 
