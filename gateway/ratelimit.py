@@ -33,7 +33,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import RateLimited, ServiceUnavailable
 from gateway.keys import ApiKey
-from gateway.redis_conn import REDIS_ERRORS, RedisMetrics, key_name, limits_settings, with_deadline
+from gateway.redis_conn import REDIS_ERRORS, RedisMetrics, key_name, limits_settings
 from gateway.redis_scripts import ScriptRunner
 
 log = structlog.get_logger(__name__)
@@ -205,9 +205,7 @@ class RateLimiter:
         ]
         started = time.perf_counter()
         try:
-            raw = await with_deadline(
-                self._scripts.run("admit", self._keys(key.id), args), self.deadline_s
-            )
+            raw = await self._scripts.run("admit", self._keys(key.id), args, self.deadline_s)
         except REDIS_ERRORS as exc:
             if isinstance(exc, TimeoutError | RedisTimeoutError):
                 self._undo_later(adm, holds_slot=key.max_concurrency is not None)
@@ -291,8 +289,10 @@ class RateLimiter:
         try:
             # Settling runs after the response (off the client's path): it may wait longer than
             # admission, since a settle given up on leaks its slot until the lease expires.
-            await with_deadline(
-                self._scripts.run("settle", self._keys(admission.key_id), args),
+            await self._scripts.run(
+                "settle",
+                self._keys(admission.key_id),
+                args,
                 max(self.deadline_s, SETTLE_DEADLINE_S),
             )
         except REDIS_ERRORS as exc:
@@ -307,9 +307,8 @@ class RateLimiter:
             return True
         try:
             keys = [key_name(self.prefix, admission.key_id, "cc")]
-            res = await with_deadline(
-                self._scripts.run("renew", keys, [admission.request_id, self.lease_ms]),
-                self.deadline_s,
+            res = await self._scripts.run(
+                "renew", keys, [admission.request_id, self.lease_ms], self.deadline_s
             )
         except REDIS_ERRORS as exc:
             if self.metrics is not None:

@@ -8,8 +8,9 @@ bench/gateway_overhead). Here, as in ioredis' auto-pipelining:
 - all calls share one connection: the calls made in one event-loop iteration leave in one
   socket write, and the replies are matched to them in order (FIFO), each read feeding
   hiredis' C parser;
-- a caller that gives up (the limiter's deadline) only abandons its future: its reply is read
-  and dropped, the order stays intact, and the connection is kept;
+- a call past its deadline fails with `TimeoutError` from a timer on its reply's future (no
+  `asyncio.timeout` scope: that cost a task lookup and two timer reschedules per call); its
+  reply is still read and dropped, the order stays intact, and the connection is kept;
 - a connection that answers nothing for `STALE_S` while calls wait is aborted; the next call
   connects again. A call that fails with a connection error (a stale connection after a Redis
   restart) is retried once, on the connection that replaced it; NOSCRIPT loads the script and
@@ -43,8 +44,10 @@ class _Pipe(asyncio.Protocol):
         self._loop = loop
         self._stale_s = stale_s
         self._reader = hiredis.Reader(replyError=ResponseError)
-        # (the time the call was made, its future), oldest first
-        self._waiting: deque[tuple[float, asyncio.Future[Any]]] = deque()
+        # (the time the call was made, its future, its deadline's timer), oldest first
+        self._waiting: deque[tuple[float, asyncio.Future[Any], asyncio.TimerHandle | None]] = (
+            deque()
+        )
         self._outgoing: list[bytes] = []
         self._transport: asyncio.Transport | None = None
         self.lost: RedisConnectionError | None = None
@@ -60,8 +63,10 @@ class _Pipe(asyncio.Protocol):
             while (reply := self._reader.gets()) is not False:
                 if not self._waiting:
                     raise hiredis.ProtocolError("a reply to no call")
-                _, waiter = self._waiting.popleft()
-                if not waiter.done():  # done: its caller gave up; the reply is dropped
+                _, waiter, timer = self._waiting.popleft()
+                if timer is not None:
+                    timer.cancel()
+                if not waiter.done():  # done: past its deadline; the reply is dropped
                     waiter.set_result(reply)
         except hiredis.ProtocolError as exc:
             self.close(RedisConnectionError(f"Redis protocol error: {exc}"))
@@ -71,12 +76,15 @@ class _Pipe(asyncio.Protocol):
             self.lost = RedisConnectionError(f"Connection to Redis lost: {exc or 'closed'}")
         self._transport = None
         while self._waiting:
-            _, waiter = self._waiting.popleft()
+            _, waiter, timer = self._waiting.popleft()
+            if timer is not None:
+                timer.cancel()
             if not waiter.done():
                 waiter.set_exception(self.lost)
 
-    def call(self, packed: bytes) -> asyncio.Future[Any]:
-        """Send a packed command; the future gets its reply (a ResponseError for an error)."""
+    def call(self, packed: bytes, deadline: float | None = None) -> asyncio.Future[Any]:
+        """Send a packed command; the future gets its reply (a ResponseError for an error), or
+        `TimeoutError` at `deadline` (the loop's clock) if the reply has not come by then."""
         if self.lost is not None:
             raise self.lost
         now = time.monotonic()
@@ -84,7 +92,8 @@ class _Pipe(asyncio.Protocol):
             self.close(RedisConnectionError(f"Redis answered nothing for {self._stale_s:g}s"))
             raise self.lost  # type: ignore[misc]
         waiter = self._loop.create_future()
-        self._waiting.append((now, waiter))
+        timer = None if deadline is None else self._loop.call_at(deadline, _expire, waiter)
+        self._waiting.append((now, waiter, timer))
         if not self._outgoing:
             self._loop.call_soon(self._flush)
         self._outgoing.append(packed)
@@ -116,13 +125,23 @@ class ScriptRunner:
         self._pipe: _Pipe | None = None
         self._connecting: asyncio.Future[_Pipe] | None = None
 
-    async def run(self, name: str, keys: list[str], args: list[str | int]) -> Any:
+    async def run(
+        self, name: str, keys: list[str], args: list[str | int], timeout_s: float | None = None
+    ) -> Any:
+        """The script's reply; `TimeoutError` when it takes more than `timeout_s` in all
+        (connecting and a NOSCRIPT reload included)."""
         packed = _pack("EVALSHA", self._sha[name], len(keys), *keys, *args)
+        deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
         retried = loaded = False
         while True:
             try:
-                pipe = await self._connection()
-                reply = await pipe.call(packed)
+                pipe = self._pipe
+                if pipe is None or pipe.lost is not None:
+                    async with asyncio.timeout_at(deadline):
+                        pipe = await self._connection()
+                reply = await pipe.call(packed, deadline)
+            except TimeoutError:
+                raise  # an OSError too, but never retried: the script may have run
             except (RedisConnectionError, OSError):
                 if retried:
                     raise
@@ -131,7 +150,8 @@ class ScriptRunner:
             if isinstance(reply, ResponseError):
                 if str(reply).startswith("NOSCRIPT") and not loaded:
                     # A Redis restarted or flushed since: load, run again.
-                    await self._client.script_load(self._scripts[name])
+                    async with asyncio.timeout_at(deadline):
+                        await self._client.script_load(self._scripts[name])
                     loaded = True
                     continue
                 raise NoScriptError(str(reply)) if str(reply).startswith("NOSCRIPT") else reply
@@ -175,6 +195,11 @@ class ScriptRunner:
         pipe, self._pipe = self._pipe, None
         if pipe is not None:
             pipe.close(RedisConnectionError("closed"))
+
+
+def _expire(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError("no reply from Redis within the deadline"))
 
 
 def _pack(*parts: str | int) -> bytes:

@@ -116,14 +116,17 @@ class _Connection(asyncio.Protocol):
         """Until the parser made progress (or the connection failed)."""
         loop = asyncio.get_running_loop()
         self._waiter = waiter = loop.create_future()
+        # A timer on the waiter, not an `asyncio.timeout` scope: once or more per upstream
+        # answer, and the scope costs a task lookup and two timer reschedules each time.
+        timer = loop.call_at(min(timeout_at, deadline), _expire, waiter)
         try:
-            async with asyncio.timeout_at(min(timeout_at, deadline)):
-                await waiter
+            await waiter
         except TimeoutError:
             if loop.time() >= deadline:
                 raise  # the caller's total deadline: a plain TimeoutError
             raise ReadTimeout("no data within the read timeout") from None
         finally:
+            timer.cancel()
             self._waiter = None
 
     def reusable(self) -> bool:
@@ -133,6 +136,11 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 class Response:

@@ -319,10 +319,11 @@ async def test_a_connection_that_answers_nothing_is_replaced(server: Server) -> 
     client = make_client(f"redis://127.0.0.1:{hole.sockets[0].getsockname()[1]}/0")
     runner = ScriptRunner(client, {"one": "return 1"}, stale_s=0.3)
     try:
-        for _ in range(2):
-            with pytest.raises(TimeoutError):
-                async with asyncio.timeout(0.1):
-                    await runner.run("one", [], [])
+        with pytest.raises(TimeoutError):
+            await runner.run("one", [], [], 0.1)  # the runner's own deadline
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.1):  # the caller's
+                await runner.run("one", [], [])
         assert connections == 1  # a call given up on does not cost the connection
         await asyncio.sleep(0.3)
         with pytest.raises(TimeoutError):
@@ -333,3 +334,31 @@ async def test_a_connection_that_answers_nothing_is_replaced(server: Server) -> 
         await runner.aclose()
         await client.aclose()
         hole.close()
+
+
+async def test_a_late_reply_is_dropped_and_the_next_call_gets_its_own(server: Server) -> None:
+    """A call past its deadline fails with TimeoutError while its reply is still due; when
+    Redis answers it later, that reply goes nowhere and the next call gets its own reply (the
+    replies stay matched in order), on the same connection."""
+    from gateway.redis_scripts import ScriptRunner
+
+    client = make_client(server.url)
+    runner = ScriptRunner(client, {"echo": "return ARGV[1]"})
+    assert server.proc is not None
+    try:
+        assert await runner.run("echo", [], ["warm"], 1.0) == b"warm"
+        pipe = runner._pipe
+        os.kill(server.proc.pid, signal.SIGSTOP)  # accepts TCP, never answers
+        try:
+            started = time.perf_counter()
+            with pytest.raises(TimeoutError):
+                await runner.run("echo", [], ["late"], 0.1)
+            assert 0.09 < time.perf_counter() - started < 0.5
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        replies = await asyncio.gather(*(runner.run("echo", [], [f"n{i}"], 1.0) for i in range(3)))
+        assert replies == [b"n0", b"n1", b"n2"]
+        assert runner._pipe is pipe  # the connection was kept
+    finally:
+        await runner.aclose()
+        await client.aclose()
