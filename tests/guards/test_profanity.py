@@ -97,3 +97,75 @@ async def test_a_fake_classifier_can_be_injected() -> None:
 def test_chunks() -> None:
     assert chunks("One. Two!\nThree") == ["One.", "Two!", "Three"]
     assert len(chunks("x. " * 1000)) == 256
+
+
+def test_the_fast_classifier_gives_the_packages_probabilities() -> None:
+    """The guard's classifier (the package's fitted model as one matrix product) against the
+    package's own `predict_prob`, on every line of both eval sets and on their chunks."""
+    import json
+    from pathlib import Path
+
+    from profanity_check import predict_prob
+    from profanity_check.profanity_check import model, vectorizer
+
+    from guards.profanity import _load_classifier
+    from guards.profanity_model import LinearProfanityModel
+
+    assert isinstance(_load_classifier(), LinearProfanityModel)  # the fast path is taken
+    assert LinearProfanityModel.of(vectorizer, model) is not None
+    root = Path(__file__).resolve().parents[2] / "bench" / "guard_eval"
+    texts: list[str] = []
+    for name in ("embedded.jsonl", "embedded_holdout.jsonl"):
+        for line in (root / name).read_text().splitlines():
+            if line.strip():
+                text = json.loads(line).get("text")
+                if isinstance(text, str):
+                    texts.append(text)
+                    texts.extend(chunks(text))
+    texts += ["", "fuck", "sh1t happens", "a" * 5000]
+    assert len(texts) > 100
+    fast = _load_classifier()(texts)
+    reference = [float(p) for p in predict_prob(texts)]
+    assert len(fast) == len(reference)
+    assert max(abs(f - r) for f, r in zip(fast, reference, strict=True)) < 1e-12
+    assert any(r > 0.9 for r in reference) and any(r < 0.1 for r in reference)
+
+
+def test_a_model_of_another_shape_is_not_rewritten() -> None:
+    """A model that is not calibrated linear SVMs (a future release of the package) keeps the
+    package's own predict_proba."""
+    from profanity_check.profanity_check import model, vectorizer
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.naive_bayes import MultinomialNB
+
+    from guards.profanity_model import LinearProfanityModel
+
+    docs = ["a good day", "a bad day", "good things", "bad things", "fine words", "rude words"]
+    y = [0, 1, 0, 1, 0, 1]
+    x = TfidfVectorizer().fit_transform(docs)
+    assert LinearProfanityModel.of(vectorizer, LogisticRegression().fit(x, y)) is None
+    naive_bayes = CalibratedClassifierCV(MultinomialNB(), cv=2).fit(x, y)
+    assert LinearProfanityModel.of(vectorizer, naive_bayes) is None
+    assert LinearProfanityModel.of(CountVectorizer().fit(docs), model) is None
+    sublinear = TfidfVectorizer(sublinear_tf=True).fit(docs)
+    assert LinearProfanityModel.of(sublinear, model) is None
+
+
+async def test_short_texts_are_checked_on_the_loop_long_ones_in_a_thread() -> None:
+    import threading
+
+    from guards.profanity import INLINE_MAX_CHARS
+
+    threads: list[threading.Thread] = []
+
+    def classifier(texts: list[str]) -> list[float]:
+        threads.append(threading.current_thread())
+        return [0.0] * len(texts)
+
+    guard = ProfanityGuard(classifier=classifier)
+    await guard.check([_prompt("hello there")])
+    await guard.check([_prompt("word. " * (INLINE_MAX_CHARS // 6 + 1))])
+    assert threads[0] is threading.current_thread()  # no hop for a short prompt
+    assert threads[1] is not threading.current_thread()  # a long one keeps the loop free
