@@ -257,6 +257,13 @@ def start_all(args: argparse.Namespace, work: Path) -> tuple[Target, list[Target
         variants.insert(0, ("gateway before (guards off)", {**variants[0][1], "BEFORE": "1"}))
     if args.with_default_policy:
         variants.append(("gateway (default policy)", {"GATEWAY_DEFAULT_POLICY": "default"}))
+        if args.before:
+            variants.append(
+                (
+                    "gateway before (default policy)",
+                    {"GATEWAY_DEFAULT_POLICY": "default", "BEFORE": "1"},
+                )
+            )
     for name, extra in variants:
         key = "sk-bench-" + secrets.token_hex(16)
         gw = Target(name, free_port(), key)
@@ -451,7 +458,8 @@ def main() -> None:
     parser.add_argument(
         "--with-default-policy",
         action="store_true",
-        help="also measure a gateway with the shipped default policy (embedded guards on)",
+        help="also measure a gateway with the shipped default policy (embedded guards on); "
+        "with --before, the --before checkout's too",
     )
     parser.add_argument(
         "--before",
