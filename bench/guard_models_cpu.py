@@ -22,11 +22,11 @@ import time
 from typing import Any
 
 import torch
-from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+from transformers import DebertaV2ForSequenceClassification
 
 from guards.base import GuardInput
 from guards.prompt_guard import PromptGuard
-from guards.tiny_guard_models import PROMPT_GUARD_LABELS, _build_deberta_tokenizer, _save
+from guards.tiny_guard_models import _build_deberta_tokenizer, _save, prompt_guard_config
 from model.engine import ChatTurn, TextPart
 
 SHAPES: dict[str, dict[str, Any]] = {
@@ -50,29 +50,14 @@ SENTENCE = "Please translate the following document into French and summarise th
 
 def build(out_dir: pathlib.Path, shape: dict[str, Any]) -> pathlib.Path:
     tokenizer = _build_deberta_tokenizer()
-    id2label = PROMPT_GUARD_LABELS[shape["labels"]]
-    config = DebertaV2Config(
+    config = prompt_guard_config(
+        tokenizer,
+        shape["labels"],
         vocab_size=shape["vocab_size"],
         hidden_size=shape["hidden_size"],
         num_hidden_layers=12,
         num_attention_heads=shape["num_attention_heads"],
         intermediate_size=shape["intermediate_size"],
-        max_position_embeddings=512,
-        type_vocab_size=0,
-        relative_attention=True,
-        max_relative_positions=-1,
-        pos_att_type=["p2c", "c2p"],
-        position_biased_input=False,
-        layer_norm_eps=1e-7,
-        pad_token_id=tokenizer.pad_token_id,
-        pooler_hidden_act="gelu",
-        pooler_dropout=0.0,
-        id2label=id2label,
-        label2id={v: k for k, v in id2label.items()},
-        position_buckets=256,
-        norm_rel_ebd="layer_norm",
-        share_att_key=True,
-        pooler_hidden_size=shape["hidden_size"],
     )
     torch.manual_seed(0)
     model = DebertaV2ForSequenceClassification(config).float().eval()

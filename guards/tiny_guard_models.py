@@ -247,27 +247,32 @@ def _build_deberta_tokenizer(vocab_size: int = 1000) -> DebertaV2Tokenizer:
     return DebertaV2Tokenizer(vocab=vocab, unk_id=unk_id, model_max_length=512)
 
 
-def build_tiny_prompt_guard(
-    out_dir: pathlib.Path, *, labels: PromptGuardLabels = "pg1", seed: int = 0
-) -> pathlib.Path:
-    """Write a tiny Prompt Guard (DeBERTa-v2 sequence classifier + tokenizer) to `out_dir`."""
-    tokenizer = _build_deberta_tokenizer()
-    if len(tokenizer.tokenize(PROMPT_GUARD_TRIGGER)) != 1:
-        raise RuntimeError("the trigger word must be a single token of the tiny vocabulary")
+def prompt_guard_config(
+    tokenizer: DebertaV2Tokenizer,
+    labels: PromptGuardLabels,
+    *,
+    vocab_size: int,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 2,
+    intermediate_size: int = 64,
+) -> DebertaV2Config:
+    """Prompt Guard's config (the mDeBERTa-v3 layout) at the given size: tiny by default;
+    bench/guard_models_cpu.py passes the real shapes."""
     id2label = PROMPT_GUARD_LABELS[labels]
     # mDeBERTa-v3's attention settings, read by the model from the config's extra attributes
     mdeberta_extras: dict[str, Any] = {
         "position_buckets": 256,
         "norm_rel_ebd": "layer_norm",
         "share_att_key": True,
-        "pooler_hidden_size": 32,
+        "pooler_hidden_size": hidden_size,
     }
-    config = DebertaV2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
+    return DebertaV2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size,
         max_position_embeddings=512,
         type_vocab_size=0,
         relative_attention=True,
@@ -282,6 +287,16 @@ def build_tiny_prompt_guard(
         label2id={v: k for k, v in id2label.items()},
         **mdeberta_extras,
     )
+
+
+def build_tiny_prompt_guard(
+    out_dir: pathlib.Path, *, labels: PromptGuardLabels = "pg1", seed: int = 0
+) -> pathlib.Path:
+    """Write a tiny Prompt Guard (DeBERTa-v2 sequence classifier + tokenizer) to `out_dir`."""
+    tokenizer = _build_deberta_tokenizer()
+    if len(tokenizer.tokenize(PROMPT_GUARD_TRIGGER)) != 1:
+        raise RuntimeError("the trigger word must be a single token of the tiny vocabulary")
+    config = prompt_guard_config(tokenizer, labels, vocab_size=len(tokenizer))
     model = _seeded(DebertaV2ForSequenceClassification, config, seed)
     return _save(out_dir, model, tokenizer)
 

@@ -289,25 +289,32 @@ def test_upstream_errors_become_envelopes(exc: Any, status: int, code: str) -> N
 
 
 # -- through today's app ------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def gateway_over_mock(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def app_over(mock: MockServer, state_dir: Path) -> Any:
+    """Today's app serving `served-model` from the mock upstream."""
     from gateway.app import create_app
 
-    with MockServer() as mock:
-        engine = OpenAIUpstreamEngine(
-            UpstreamConfig(model_id="served-model", api_base=mock.base_url, upstream_model="ok")
-        )
-        settings = Settings(
-            model_id="served-model",
-            model_aliases=[],
-            state_dir=tmp_path_factory.mktemp("state"),
-            redis_url=REDIS_URL,
-            redis_key_prefix=f"gwtest-routes-{secrets.token_hex(4)}",
-            bootstrap_key=TEST_API_KEY,
-        )
-        with LiveServer(create_app(settings, engine=engine)) as server:
-            wait_until_ready(server.base_url)
-            yield server
+    engine = OpenAIUpstreamEngine(
+        UpstreamConfig(model_id="served-model", api_base=mock.base_url, upstream_model="ok")
+    )
+    settings = Settings(
+        model_id="served-model",
+        model_aliases=[],
+        state_dir=state_dir,
+        redis_url=REDIS_URL,
+        redis_key_prefix=f"gwtest-routes-{secrets.token_hex(4)}",
+        bootstrap_key=TEST_API_KEY,
+    )
+    return create_app(settings, engine=engine)
+
+
+@pytest.fixture(scope="module")
+def gateway_over_mock(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    with (
+        MockServer() as mock,
+        LiveServer(app_over(mock, tmp_path_factory.mktemp("state"))) as server,
+    ):
+        wait_until_ready(server.base_url)
+        yield server
 
 
 def test_openai_sdk_through_the_gateway_streams_upstream_deltas(gateway_over_mock: Any) -> None:
@@ -342,8 +349,6 @@ async def test_the_engines_generator_is_closed_by_the_request_not_the_gc(
 
     import httpx
 
-    from gateway.app import create_app
-
     finalized: list[str] = []
     hooks = sys.get_asyncgen_hooks()
 
@@ -353,18 +358,7 @@ async def test_the_engines_generator_is_closed_by_the_request_not_the_gc(
         hooks.finalizer(agen)
 
     with MockServer() as mock:
-        engine = OpenAIUpstreamEngine(
-            UpstreamConfig(model_id="served-model", api_base=mock.base_url, upstream_model="ok")
-        )
-        settings = Settings(
-            model_id="served-model",
-            model_aliases=[],
-            state_dir=tmp_path,
-            redis_url=REDIS_URL,
-            redis_key_prefix=f"gwtest-routes-{secrets.token_hex(4)}",
-            bootstrap_key=TEST_API_KEY,
-        )
-        app = create_app(settings, engine=engine)
+        app = app_over(mock, tmp_path)
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
