@@ -105,6 +105,7 @@ class _Planned:
     name: str
     guard: Guard | None  # None: required but not available
     timeout_s: float
+    latency: Any  # the latency histogram's child for this guard and stage, looked up once
 
 
 class _Unavailable(Exception):
@@ -136,12 +137,14 @@ class GuardPipeline:
                 if guard is None and settings.optional:
                     skipped.append(name)
                     continue
-                plans.append(_Planned(name, guard, policy.timeout_for(name)))
+                latency = self.metrics.latency.labels(name, stage)
+                plans.append(_Planned(name, guard, policy.timeout_for(name), latency))
             self._plans[stage] = plans
             self._skipped[stage] = skipped
         # A stage with no guard decides the same for every text: built once, shared (a
         # Decision is not changed after `decide`), its counter child looked up once.
         self._unguarded: dict[Stage, tuple[Decision, Counter]] = {}
+        self._decision_counters: dict[tuple[Stage, str], Any] = {}  # (stage, outcome) -> child
         for stage in self._plans:
             if not self._plans[stage]:
                 decision = self.safe_decision(stage)
@@ -221,7 +224,7 @@ class GuardPipeline:
             if len(verdicts) != len(items):
                 raise RuntimeError(f"returned {len(verdicts)} verdicts for {len(items)} inputs")
             elapsed = time.perf_counter() - started
-            self.metrics.latency.labels(plan.name, stage).observe(elapsed)
+            plan.latency.observe(elapsed)
             for verdict in verdicts:
                 if not verdict.latency_s:
                     verdict.latency_s = elapsed
@@ -246,7 +249,11 @@ class GuardPipeline:
         for category, action in decision.hits.items():
             self.metrics.verdicts.labels(decision.stage, category, action).inc()
         outcome = "blocked" if decision.blocked else "allowed"
-        self.metrics.decisions.labels(decision.stage, decision.policy, outcome).inc()
+        counter = self._decision_counters.get((decision.stage, outcome))
+        if counter is None:
+            counter = self.metrics.decisions.labels(decision.stage, decision.policy, outcome)
+            self._decision_counters[(decision.stage, outcome)] = counter
+        counter.inc()
 
 
 class GuardPipelines:
