@@ -9,7 +9,8 @@ tar -x -C DIR`) in the same run, so a change and its baseline see the same machi
 
 Needs: Redis on 127.0.0.1:6379 (admission runs: the bootstrap key gets an rpm and tpm limit),
 `wrk` on PATH, and LiteLLM Proxy in its own venv (`python -m venv V && V/bin/pip install
-'litellm[proxy]'`; skipped with a note when absent). Guards: off (not integrated yet).
+'litellm[proxy]'`; skipped with a note when absent). Guards: off (a policy that runs none);
+`--with-default-policy` adds the shipped `default` policy (the embedded guards).
 
 Per target: 300 sequential non-streaming requests (latency p50/p99), 100 sequential streams
 (time to the first chunk with content), then `wrk` with 32 connections for 10 s (requests/s)
