@@ -99,20 +99,19 @@ class ProfanityGuard:
                 self._classifier = _load_classifier()
 
     async def check(self, items: Sequence[GuardInput]) -> list[GuardVerdict]:
-        if self._classifier is not None and (
-            sum(len(item.text_to_check()) for item in items) <= INLINE_MAX_CHARS
-        ):
+        texts = [item.text_to_check() for item in items]
+        if self._classifier is not None and sum(map(len, texts)) <= INLINE_MAX_CHARS:
             # ~60 us for a short prompt: less than the hop to a thread and back.
-            return self.check_sync(items)
+            return self.check_texts(texts)
         # Loading the classifier (a second) or a long text (~0.4 ms per 1,000 characters):
         # keep the event loop free.
-        return await asyncio.to_thread(self.check_sync, items)
+        return await asyncio.to_thread(self.check_texts, texts)
 
-    def check_sync(self, items: Sequence[GuardInput]) -> list[GuardVerdict]:
+    def check_texts(self, texts: list[str]) -> list[GuardVerdict]:
+        """One verdict per text under judgement (`GuardInput.text_to_check`)."""
         self.load()
         assert self._classifier is not None
         started = time.perf_counter()
-        texts = [item.text_to_check() for item in items]
         pieces: list[str] = []
         owners: list[int] = []
         for i, text in enumerate(texts):
@@ -123,7 +122,7 @@ class ProfanityGuard:
         model_scores = [0.0] * len(texts)
         for owner, prob in zip(owners, probs, strict=True):
             model_scores[owner] = max(model_scores[owner], prob)
-        per_item = (time.perf_counter() - started) / max(1, len(items))
+        per_item = (time.perf_counter() - started) / max(1, len(texts))
         verdicts = []
         for text, model_score in zip(texts, model_scores, strict=True):
             item_started = time.perf_counter()
