@@ -1,8 +1,10 @@
 """Mllama forward passes over the fast engine's own static cache.
 
 The weights stay in the transformers modules loaded by `MllamaForConditionalGeneration`: we call
-the vision model, the projector, `embed_tokens`, each decoder layer's norms, projections and MLP,
-the final norm and `lm_head`, and write our own attention (SDPA) over `StaticKVCache`.
+the vision model, the projector, `embed_tokens`, the output and cross-attention projections and
+`lm_head`, use the decoder layers' q/k/v and gate/up weights fused (`model.fast.layers`: one GEMM
+each, the modules re-pointed at views, so no second copy), the norms' weights through one
+`F.rms_norm` each, and write our own attention (SDPA) over `StaticKVCache`.
 
 Two kinds of calls:
 
@@ -33,9 +35,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers.models.mllama.modeling_mllama import apply_rotary_pos_emb
 
 from model.fast.kv_cache import StaticKVCache
+from model.fast.layers import LayerWeights, RotaryTables, rms_norm
 
 
 @dataclass
@@ -56,13 +58,25 @@ class DecodeInputs:
     tokens: torch.Tensor  # [n] long
     positions: torch.Tensor  # [n] long: RoPE position of the new token
     write_index: torch.Tensor  # [n] long: cache column to write (scratch for idle rows)
-    self_mask: torch.Tensor  # [n, 1, 1, kv_len] bool
-    cross_mask: torch.Tensor | None  # [n, 1, 1, vision_len] bool; None: no row sees an image
+    # Additive masks in the model dtype (0 or -inf), built once per step: SDPA would otherwise
+    # convert a boolean mask again in every layer.
+    self_mask: torch.Tensor  # [n, 1, 1, kv_len]
+    cross_mask: torch.Tensor | None  # [n, 1, 1, vision_len]; None: no row sees an image
     row_gate: torch.Tensor | None  # [n, 1, 1] model dtype: 1 for rows that see an image, else 0
 
 
-def _gated_cross_attention_mask(mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, Any]:
-    """(mask safe for SDPA, row gate): fully masked rows attend to column 0, then get gated to 0.
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True: attend) as SDPA's additive form: 0 where True, -inf elsewhere."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~mask, float("-inf")
+    )
+
+
+def _gated_cross_attention_mask(
+    mask: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(additive mask safe for SDPA, row gate): fully masked rows attend to column 0, then get
+    gated to 0.
 
     An all-False row would make SDPA's softmax NaN (0 * NaN is NaN, so gating afterwards would
     not help); pointing it at one real column keeps it finite, and the gate removes it.
@@ -70,11 +84,15 @@ def _gated_cross_attention_mask(mask: torch.Tensor, dtype: torch.dtype) -> tuple
     seen = mask.any(dim=-1, keepdim=True)
     safe = mask.clone()
     safe[..., 0] |= ~seen[..., 0]
-    return safe, seen.to(dtype)
+    return additive_mask(safe, dtype), seen.to(dtype)
 
 
 class FastForward:
-    """Forward passes of one loaded `MllamaForConditionalGeneration` over a `StaticKVCache`."""
+    """Forward passes of one loaded `MllamaForConditionalGeneration` over a `StaticKVCache`.
+
+    Building it fuses the text layers' q/k/v and gate/up weights in place (`model.fast.layers`):
+    the model keeps working as before, on views of the fused tensors.
+    """
 
     def __init__(self, model: Any, cache: StaticKVCache) -> None:
         self.model = model
@@ -96,13 +114,14 @@ class FastForward:
         self.dtype = self.embed_tokens.weight.dtype
         self.device = self.embed_tokens.weight.device
         self.tokens_per_tile = int(self.vision_model.num_patches)
-        # RoPE for every position of a slot, computed once by the model's own rotary module:
-        # decode steps then index a table (no data-dependent work inside a CUDA graph).
-        positions = torch.arange(cache.geometry.max_len + 1, device=self.device)[None]
-        with torch.inference_mode():
-            probe = torch.empty(1, dtype=self.dtype, device=self.device)
-            cos, sin = lm.rotary_emb(probe, positions)
-        self.cos_table, self.sin_table = cos[0].clone(), sin[0].clone()  # [max_len + 1, D]
+        with torch.no_grad():
+            self.weights = [
+                LayerWeights(layer, cross=i in self.cross_layers)
+                for i, layer in enumerate(self.layers)
+            ]
+        # RoPE for every position of a slot: decode steps then index a table (no
+        # data-dependent work inside a CUDA graph).
+        self.rope = RotaryTables(lm.rotary_emb, cache.geometry.max_len + 1, self.dtype, self.device)
 
     # -- vision ----------------------------------------------------------------------------
     def encode_images(
@@ -134,25 +153,29 @@ class FastForward:
         n = states.shape[0]
         for idx in self.cross_layers:
             attn = self.layers[idx].cross_attn
-            k = attn.k_proj(states).view(n, self.kv_heads, self.head_dim).transpose(0, 1)
+            k = attn.k_proj(states).view(n, self.kv_heads, self.head_dim)
             v = attn.v_proj(states).view(n, self.kv_heads, self.head_dim).transpose(0, 1)
-            self.cache.cross_k[idx][slot, :, :n] = attn.k_norm(k)
+            self.cache.cross_k[idx][slot, :, :n] = rms_norm(attn.k_norm, k).transpose(0, 1)
             self.cache.cross_v[idx][slot, :, :n] = v
 
     # -- layers ----------------------------------------------------------------------------
-    def _qkv(self, layer: Any, x: torch.Tensor, rows: int, length: int) -> tuple[torch.Tensor, ...]:
-        attn = layer.self_attn
-        q = attn.q_proj(x).view(rows, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(rows, length, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(rows, length, self.kv_heads, self.head_dim).transpose(1, 2)
-        return q, k, v
+    def _qkv(
+        self, idx: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated q `[..., heads, D]`, rotated k and v `[..., kv_heads, D]` from one GEMM."""
+        qkv_weight = self.weights[idx].qkv
+        assert qkv_weight is not None
+        qkv = F.linear(x, qkv_weight).unflatten(-1, (-1, self.head_dim))
+        split = self.num_heads + self.kv_heads
+        qk = RotaryTables.rotate(qkv[..., :split, :], cos, sin)
+        return qk[..., : self.num_heads, :], qk[..., self.num_heads :, :], qkv[..., split:, :]
 
     def _attend_one(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
     ) -> torch.Tensor:
         """Attention of one query token per row, on the KV heads (no repeat of K/V).
 
-        `q` `[n, heads, 1, D]` is viewed as `[n, kv_heads, n_rep, D]` (head h reads KV head
+        `q` `[n, heads, D]` is viewed as `[n, kv_heads, n_rep, D]` (head h reads KV head
         h // n_rep, as `repeat_kv` does), the mask `[n, 1, 1, L]` broadcasts over both.
         """
         n = q.shape[0]
@@ -162,7 +185,7 @@ class FastForward:
 
     def _cross_layer(
         self,
-        layer: Any,
+        idx: int,
         h: torch.Tensor,
         kv: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor,
@@ -174,24 +197,23 @@ class FastForward:
         multiplies both the attention output and the MLP output, so a fully masked row passes
         through unchanged (x + tanh(g) * 0 == x exactly).
         """
+        layer = self.layers[idx]
         attn = layer.cross_attn
-        residual = h
-        x = layer.input_layernorm(h)
+        x = rms_norm(layer.input_layernorm, h)
         rows, length, _ = x.shape
-        q = attn.q_proj(x).view(rows, length, self.num_heads, self.head_dim).transpose(1, 2)
-        q = attn.q_norm(q)
+        q = attn.q_proj(x).view(rows, length, self.num_heads, self.head_dim)
+        q = rms_norm(attn.q_norm, q)
         if length == 1:
-            out = self._attend_one(q, kv[0], kv[1], mask, attn.scaling)
+            out = self._attend_one(q[:, 0], kv[0], kv[1], mask, attn.scaling)
         else:
-            out = self._attend_many(q, kv[0], kv[1], mask, attn.scaling)
+            out = self._attend_many(q.transpose(1, 2), kv[0], kv[1], mask, attn.scaling)
         out = attn.o_proj(out)
-        h = residual + layer.cross_attn_attn_gate.tanh() * (gate * out)
-        residual = h
-        mlp = layer.mlp(layer.post_attention_layernorm(h))
-        return residual + layer.cross_attn_mlp_gate.tanh() * (gate * mlp)
+        h = h + layer.cross_attn_attn_gate.tanh() * (gate * out)
+        mlp = self.weights[idx].mlp(rms_norm(layer.post_attention_layernorm, h))
+        return h + layer.cross_attn_mlp_gate.tanh() * (gate * mlp)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(h)).float()
+        return self.lm_head(rms_norm(self.norm, h)).float()
 
     # -- decode ----------------------------------------------------------------------------
     def decode(self, inp: DecodeInputs) -> torch.Tensor:
@@ -199,8 +221,7 @@ class FastForward:
         n = inp.tokens.shape[0]
         kv_len = inp.self_mask.shape[-1]
         rows = torch.arange(n, device=self.device)
-        cos = self.cos_table[inp.positions][:, None]  # [n, 1, D]
-        sin = self.sin_table[inp.positions][:, None]
+        cos, sin = self.rope.at(inp.positions)  # [n, 1, D]
         h = self.embed_tokens(inp.tokens)[:, None]  # [n, 1, hidden]
         cache = self.cache
         for idx, layer in enumerate(self.layers):
@@ -212,20 +233,18 @@ class FastForward:
                     cache.cross_k[idx][:n, :, :vision_len],
                     cache.cross_v[idx][:n, :, :vision_len],
                 )
-                h = self._cross_layer(layer, h, kv, inp.cross_mask, inp.row_gate)
+                h = self._cross_layer(idx, h, kv, inp.cross_mask, inp.row_gate)
                 continue
-            residual = h
-            x = layer.input_layernorm(h)
-            q, k, v = self._qkv(layer, x, n, 1)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            x = rms_norm(layer.input_layernorm, h[:, 0])  # [n, hidden]
+            q, k, v = self._qkv(idx, x, cos, sin)  # [n, heads, D], [n, kv_heads, D] x 2
             kc, vc = cache.self_k[idx], cache.self_v[idx]
-            kc[rows, :, inp.write_index] = k[:, :, 0]
-            vc[rows, :, inp.write_index] = v[:, :, 0]
+            kc[rows, :, inp.write_index] = k
+            vc[rows, :, inp.write_index] = v
             out = self._attend_one(
                 q, kc[:n, :, :kv_len], vc[:n, :, :kv_len], inp.self_mask, layer.self_attn.scaling
             )
-            h = residual + layer.self_attn.o_proj(out)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + layer.self_attn.o_proj(out)
+            h = h + self.weights[idx].mlp(rms_norm(layer.post_attention_layernorm, h))
         return self._logits(h[:, 0])
 
     # -- prefill ---------------------------------------------------------------------------
@@ -247,10 +266,10 @@ class FastForward:
             # Padded queries reuse the last real position: finite, causal, discarded.
             positions[i] = c.start + t.clamp(max=n - 1)
         keys = torch.arange(kv_len, device=self.device)
-        self_mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [m, 1, C, L]
+        causal = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [m, 1, C, L]
+        self_mask = additive_mask(causal, self.dtype)
         cross = self._prefill_cross_mask(chunks, lengths, width)
-        cos = self.cos_table[positions]
-        sin = self.sin_table[positions]
+        cos, sin = self.rope.at(positions)  # [m, C, 1, D]
         slots = [c.slot for c in chunks]
         h = self.embed_tokens(tokens)
         cache = self.cache
@@ -263,21 +282,21 @@ class FastForward:
                     self._rows(cache.cross_k[idx], slots, vis_mask.shape[-1]),
                     self._rows(cache.cross_v[idx], slots, vis_mask.shape[-1]),
                 )
-                h = self._cross_layer(layer, h, kv, vis_mask, gate)
+                h = self._cross_layer(idx, h, kv, vis_mask, gate)
                 continue
-            residual = h
-            x = layer.input_layernorm(h)
-            q, k, v = self._qkv(layer, x, m, width)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            x = rms_norm(layer.input_layernorm, h)
+            q, k, v = self._qkv(idx, x, cos, sin)  # [m, C, heads, D], [m, C, kv_heads, D] x 2
             kc, vc = cache.self_k[idx], cache.self_v[idx]
             for i, (c, n) in enumerate(zip(chunks, lengths, strict=True)):
-                kc[c.slot, :, c.start : c.start + n] = k[i, :, :n]
-                vc[c.slot, :, c.start : c.start + n] = v[i, :, :n]
+                kc[c.slot, :, c.start : c.start + n] = k[i, :n].transpose(0, 1)
+                vc[c.slot, :, c.start : c.start + n] = v[i, :n].transpose(0, 1)
             keys_k = self._rows(kc, slots, kv_len)
             keys_v = self._rows(vc, slots, kv_len)
-            out = self._attend_many(q, keys_k, keys_v, self_mask, layer.self_attn.scaling)
-            h = residual + layer.self_attn.o_proj(out)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            out = self._attend_many(
+                q.transpose(1, 2), keys_k, keys_v, self_mask, layer.self_attn.scaling
+            )
+            h = h + layer.self_attn.o_proj(out)
+            h = h + self.weights[idx].mlp(rms_norm(layer.post_attention_layernorm, h))
         wanted = [i for i, c in enumerate(chunks) if c.want_logits]
         if not wanted:
             return torch.empty(0, self.lm_head.out_features, device=self.device)
@@ -296,7 +315,7 @@ class FastForward:
     ) -> torch.Tensor:
         rows, _, length, _ = q.shape
         # repeat_kv (expand + copy) rather than enable_gqa: every SDPA backend takes it with a
-        # boolean mask, and prefill is compute-bound anyway.
+        # mask, and prefill is compute-bound anyway.
         k = k.repeat_interleave(self.n_rep, dim=1)
         v = v.repeat_interleave(self.n_rep, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
@@ -346,7 +365,7 @@ def make_decode_inputs(
         tokens=packed[0],
         positions=packed[1],
         write_index=packed[2],
-        self_mask=(keys[None, :] <= packed[1][:, None])[:, None, None],
+        self_mask=additive_mask((keys[None, :] <= packed[1][:, None])[:, None, None], dtype),
         cross_mask=cross_mask,
         row_gate=row_gate,
     )

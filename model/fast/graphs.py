@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from model.fast.forward import DecodeInputs, FastForward
+from model.fast.forward import DecodeInputs, FastForward, make_decode_inputs
 
 
 @dataclass
@@ -91,23 +91,9 @@ class DecodeGraphs:
 
     def _idle_inputs(self, rows: int, kv_len: int, vision: int) -> DecodeInputs:
         """Static buffers holding a step where every row is idle (safe to run at any time)."""
-        device, dtype = self.forward.device, self.forward.dtype
-        self_mask = torch.zeros(rows, 1, 1, kv_len, dtype=torch.bool, device=device)
-        self_mask[..., 0] = True
-        cross_mask = row_gate = None
-        if vision:
-            cross_mask = torch.zeros(rows, 1, 1, vision, dtype=torch.bool, device=device)
-            cross_mask[..., 0] = True
-            row_gate = torch.zeros(rows, 1, 1, dtype=dtype, device=device)
-        return DecodeInputs(
-            tokens=torch.zeros(rows, dtype=torch.long, device=device),
-            positions=torch.zeros(rows, dtype=torch.long, device=device),
-            write_index=torch.full(
-                (rows,), self.forward.cache.scratch, dtype=torch.long, device=device
-            ),
-            self_mask=self_mask,
-            cross_mask=cross_mask,
-            row_gate=row_gate,
+        forward = self.forward
+        return make_decode_inputs(
+            forward.cache, {}, n=rows, kv_len=kv_len, vision_len=vision, dtype=forward.dtype
         )
 
     def _capture(self, rows: int, kv_len: int, vision: int) -> _Captured:
