@@ -35,8 +35,12 @@ class FastEngineConfig:
     # GPU only (ignored on the CPU): CUDA graphs for the decode step, optionally compiled.
     cuda_graphs: bool = True
     compile_decode: bool = False
+    compile_backend: str = "inductor"  # tests use "aot_eager" (traced, no code generation)
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     graph_min_kv_len: int = 256
+    # Off CUDA: run the CUDA-graph path's buckets and static buffers anyway, without capture
+    # (tests of that path on machines without a GPU).
+    static_decode_on_cpu: bool = False
 
     def __post_init__(self) -> None:
         if self.max_len < 2:

@@ -128,12 +128,17 @@ class FastMllamaEngine:
             )
         cache = StaticKVCache(geometry, slots, self._device)
         forward = FastForward(model, cache)
-        if self._device.type == "cuda" and self.config.cuda_graphs:
+        on_cuda = self._device.type == "cuda"
+        if (on_cuda and self.config.cuda_graphs) or (
+            not on_cuda and self.config.static_decode_on_cpu
+        ):
             self._graphs = DecodeGraphs(
                 forward,
                 batch_sizes=self.config.graph_batch_sizes,
                 min_kv_len=self.config.graph_min_kv_len,
                 compile_decode=self.config.compile_decode,
+                compile_backend=self.config.compile_backend,
+                capture=on_cuda,
             )
         image_cache = None
         if self.config.image_cache_bytes > 0:
@@ -181,7 +186,7 @@ class FastMllamaEngine:
             extra={
                 "engine": "fast",
                 "slots": str(self._slots),
-                "cuda_graphs": str(self._graphs is not None).lower(),
+                "cuda_graphs": str(self._graphs is not None and self._graphs.capture).lower(),
             },
         )
 

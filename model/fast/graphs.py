@@ -1,16 +1,22 @@
-"""CUDA graphs for the decode step.  GPU ONLY, UNTESTED: written without a GPU; the CPU never
-takes this path (`FastEngineConfig.cuda_graphs` is ignored off CUDA). Run `bench/engine_gpu.py`
-on a GPU before trusting it; if it fails, set `cuda_graphs=False` (eager decode, tested).
+"""CUDA graphs for the decode step.  The capture itself is GPU only and was written without a
+GPU: run `bench/engine_gpu.py` on one before trusting it (its "graph decode vs eager" row); if
+it fails, set `cuda_graphs=False` (eager decode). Everything around the capture (buckets, idle
+rows, static input buffers) also runs on the CPU with `capture=False`, where each "replay" is a
+plain call on the static buffers; the tests run the engine that way
+(`FastEngineConfig.static_decode_on_cpu`).
 
-At batch 1 an 11B decode step is ~600 small kernels, and launching them from Python costs more
-than running them. A graph per shape bucket replays them in one launch. Shapes are bucketed so a
-handful of graphs cover all steps: rows `n` round up to `graph_batch_sizes` (extra rows are
-idle: they write to the scratch column and are discarded), `kv_len` to a power of two (at least
-`graph_min_kv_len`, at most `max_len + 1`), and the vision length is either 0 (no row sees an
-image: cross-attention layers skipped) or the slot's full vision capacity (rows masked).
+At batch 1 an 11B decode step is ~550 kernels (`bench/engine_ops.py`), and launching them from
+Python costs more than running them. A graph per shape bucket replays them in one launch.
+Shapes are bucketed so a handful of graphs cover all steps: rows `n` round up to
+`graph_batch_sizes` (extra rows are idle: they write to the scratch column and are discarded),
+`kv_len` to a power of two (at least `graph_min_kv_len`, at most `max_len + 1`), and the vision
+length is either 0 (no row sees an image: cross-attention layers skipped) or the slot's full
+vision capacity (rows masked).
 
-`compile_decode` additionally runs the decode function through `torch.compile` (no dynamic
-shapes) before capture; each bucket then compiles once (tens of seconds per shape on 11B).
+`compile_decode` additionally runs the decode function through `torch.compile` (static shapes,
+`fullgraph`) before capture: inductor fuses the elementwise work between the GEMMs (residual
+adds, rotary, SiLU x up); each bucket then compiles once (tens of seconds per shape on 11B,
+so warm up the buckets you need at start).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from model.fast.forward import DecodeInputs, FastForward, make_decode_inputs
 
 @dataclass
 class _Captured:
-    graph: torch.cuda.CUDAGraph
+    graph: torch.cuda.CUDAGraph | None  # None: not captured (`capture=False`), called instead
     inputs: DecodeInputs  # static buffers the graph reads
     logits: torch.Tensor  # static buffer the graph writes
 
@@ -38,9 +44,12 @@ class DecodeGraphs:
         batch_sizes: tuple[int, ...],
         min_kv_len: int,
         compile_decode: bool = False,
+        compile_backend: str = "inductor",
+        capture: bool = True,
     ) -> None:
-        if forward.device.type != "cuda":
+        if capture and forward.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
+        self.capture = capture
         self.forward = forward
         geometry = forward.cache.geometry
         slots = forward.cache.slots
@@ -50,9 +59,21 @@ class DecodeGraphs:
         self.max_vision = geometry.max_vision_tokens
         self._fn: Callable[[DecodeInputs], torch.Tensor] = forward.decode
         if compile_decode:
-            self._fn = torch.compile(forward.decode, dynamic=False)  # type: ignore[assignment]
+            # One compile per bucket (static shapes: the best kernels, and what a graph needs).
+            # Past dynamo's recompile limit (8) it would silently run the rest eagerly.
+            kv_lengths = max(1, (self.max_kv // max(1, self.min_kv)).bit_length())
+            buckets = len(self.batch_sizes) * (kv_lengths + 1) * 2
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, buckets)
+            dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, buckets)
+            # fullgraph: a graph break (a host sync, data-dependent Python) fails loudly here
+            # rather than inside a capture.
+            self._fn = torch.compile(  # type: ignore[assignment]
+                forward.decode, dynamic=False, fullgraph=True, backend=compile_backend
+            )
         self._graphs: dict[tuple[int, int, int], _Captured] = {}
-        self._pool = torch.cuda.graph_pool_handle()
+        self._pool = torch.cuda.graph_pool_handle() if capture else None
+        self.replays = 0
 
     def bucket(self, n: int, kv_len: int, vision_len: int) -> tuple[int, int, int]:
         rows = next(b for b in self.batch_sizes if b >= n)
@@ -85,6 +106,9 @@ class DecodeGraphs:
             src, dst = getattr(inputs, f.name), getattr(captured.inputs, f.name)
             if dst is not None:
                 dst.copy_(src, non_blocking=True)
+        self.replays += 1
+        if captured.graph is None:
+            return self._fn(captured.inputs)
         captured.graph.replay()
         # The buffer is overwritten by the next replay: the caller consumes it before that.
         return captured.logits
@@ -98,6 +122,8 @@ class DecodeGraphs:
 
     def _capture(self, rows: int, kv_len: int, vision: int) -> _Captured:
         static = self._idle_inputs(rows, kv_len, vision)
+        if not self.capture:
+            return _Captured(graph=None, inputs=static, logits=self._fn(static))
         # Warm up on a side stream (cuBLAS handles, autotuning, compilation) before capture.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

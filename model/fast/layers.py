@@ -26,17 +26,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+_FUSED = "_fast_fused_weight"  # attribute of a fused module: (fused tensor, fused modules)
+
 
 def fuse_linears(modules: Sequence[nn.Linear]) -> torch.Tensor:
     """One `[sum(out), in]` weight for bias-free linears over the same input; the modules'
-    weights become views of it (no second copy)."""
+    weights become views of it (no second copy).
+
+    Idempotent: fusing the same modules again (a second engine over the same loaded model)
+    returns the same tensor rather than a new copy.
+    """
     if any(m.bias is not None for m in modules):
         raise ValueError("only bias-free linears are fused")
+    key = tuple(id(m) for m in modules)
+    marks = [getattr(m, _FUSED, None) for m in modules]
+    if all(mark is not None and mark[1] == key for mark in marks):
+        return marks[0][0]  # type: ignore[index]
     fused = torch.cat([m.weight.detach() for m in modules])
     offset = 0
     for m in modules:
         rows = int(m.weight.shape[0])
         m.weight = nn.Parameter(fused[offset : offset + rows], requires_grad=False)
+        setattr(m, _FUSED, (fused, key))
         offset += rows
     return fused
 

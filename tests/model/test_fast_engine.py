@@ -276,6 +276,59 @@ def test_request_joins_mid_flight(engine: FastMllamaEngine, loaded: tuple[Any, A
     assert_matches_reference(engine, loaded, second, text_b)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_cuda_graph_buckets_and_static_buffers_give_the_same_tokens(
+    loaded: tuple[Any, Any], compiled: bool
+) -> None:
+    """The CUDA-graph path without the capture (`static_decode_on_cpu`): rows padded to a
+    bucket with idle rows, kv length to a power of two, vision to the slot's full capacity, and
+    every input copied into one static buffer set per bucket; tokens still equal generate().
+    Compiled: the same through `torch.compile(fullgraph=True)` (aot_eager: dynamo's trace and
+    functionalization, as inductor gets them, without code generation)."""
+    engine = make_engine(
+        loaded,
+        static_decode_on_cpu=True,
+        graph_batch_sizes=(1, 2, 4),
+        graph_min_kv_len=16,
+        compile_decode=compiled,
+        compile_backend="aot_eager",
+    )
+    compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    try:
+        graphs = engine.graphs
+        assert graphs is not None and not graphs.capture
+        assert engine.info.extra["cuda_graphs"] == "false"  # nothing captured on the CPU
+        reqs = [
+            request(TEXTS[0], rid="g-t0"),
+            request("What is in this picture?", image(RED), rid="g-i0"),
+            request(TEXTS[1], rid="g-t1", max_tokens=20),
+        ]
+        texts = asyncio.run(together(engine, reqs))
+        alone = request("Colour?", image(BLUE, (56, 56)), rid="g-i1", max_tokens=7)
+        texts.append(asyncio.run(run(engine, alone))[0])
+        for req, text in zip([*reqs, alone], texts, strict=True):
+            assert_matches_reference(engine, loaded, req, text)
+        buckets = graphs.captured
+        max_vision = engine.batcher.cache.geometry.max_vision_tokens
+        # 3 rows ran in the 4-row bucket (one idle row), 1 row alone in the 1-row bucket; the
+        # kv lengths are powers of two (several of them); steps with an image used the full
+        # vision width.
+        assert {1, 4} <= {rows for rows, _, _ in buckets} <= {1, 2, 4}
+        kv_lengths = {kv for _, kv, _ in buckets}
+        assert len(kv_lengths) >= 2 and all(kv >= 16 and kv & (kv - 1) == 0 for kv in kv_lengths)
+        assert {vision for _, _, vision in buckets} == {0, max_vision}
+        # Every decode step went through the static path: the three requests were prefilled in
+        # one step and then decoded side by side, the fourth alone.
+        done = recorded(engine)
+        batch_steps = max(done[r.request_id].completion_tokens for r in reqs) - 1
+        assert graphs.replays == batch_steps + done["g-i1"].completion_tokens - 1
+        # Compiled: one graph per bucket, none broken up (fullgraph), none run eagerly.
+        compiled_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - compiles
+        assert compiled_graphs == (len(buckets) if compiled else 0)
+    finally:
+        asyncio.run(engine.stop())
+
+
 # -- stop strings, length, chunked prefill, cancellation, overload ------------------------------
 
 
@@ -571,6 +624,34 @@ def test_prefill_and_decode_logits_equal_transformers(
         n_prompt = inputs["input_ids"].shape[1]
         got = decode_step(forward, {slot: (token, n_prompt, mask)})[slot]
         assert torch.allclose(got, want, atol=1e-4)
+
+
+@torch.inference_mode()
+def test_decode_traces_as_one_graph(forward: FastForward, loaded: tuple[Any, Any]) -> None:
+    """No graph break in a decode step (a break is where a host sync or data-dependent Python
+    would be, which a CUDA graph cannot hold), and the traced step writes the cache as eager."""
+    inputs = encode(loaded, "What is in this picture?", image(GREEN))
+    _, mask = prefill(forward, 0, inputs)
+    forward.cache.set_vision_mask(0, mask)
+    n_prompt = inputs["input_ids"].shape[1]
+    step = make_decode_inputs(
+        forward.cache,
+        {0: (7, n_prompt)},
+        n=2,
+        kv_len=256,
+        vision_len=forward.cache.geometry.max_vision_tokens,
+        dtype=forward.dtype,
+    )
+    layer = min(forward.cache.self_k)
+    column = forward.cache.self_k[layer][0, :, n_prompt]
+    want = forward.decode(step)
+    written = column.clone()
+    column.zero_()
+    traced = torch.compile(forward.decode, fullgraph=True, dynamic=False, backend="aot_eager")
+    got = traced(step)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert written.abs().sum() > 0
+    assert torch.equal(column, written)
 
 
 @torch.inference_mode()

@@ -52,6 +52,15 @@ def test_fused_linears_give_the_same_outputs_on_shared_storage() -> None:
     assert torch.equal(q.weight[0], torch.zeros(64))
 
 
+def test_fusing_again_reuses_the_fused_tensor() -> None:
+    a, b = nn.Linear(8, 8, bias=False), nn.Linear(8, 4, bias=False)
+    first = fuse_linears([a, b])
+    assert fuse_linears([a, b]) is first  # a second engine over the same model: no new copy
+    assert a.weight.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+    # Another grouping of the same modules is a new fusion.
+    assert fuse_linears([b, a]) is not first
+
+
 def test_linears_with_a_bias_are_refused() -> None:
     with pytest.raises(ValueError, match="bias-free"):
         fuse_linears([nn.Linear(4, 4), nn.Linear(4, 4)])
