@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -384,7 +385,65 @@ def logits_check(
     return result
 
 
+# -- kernels per decode step (GPU) ---------------------------------------------------------------
+@torch.inference_mode()
+def kernels_per_decode_step(engine: Any) -> dict[str, float]:
+    """CUDA kernels launched by one eager decode step (1 row, text and image), from the
+    profiler: the count a CUDA graph replays (`bench/engine_ops.py` counts operations on the
+    CPU; this checks that count on the device)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from model.fast.forward import make_decode_inputs
+
+    forward = engine.batcher.forward
+    cache = forward.cache
+    result: dict[str, float] = {}
+    for name, vision in (("text", 0), ("image", cache.geometry.max_vision_tokens)):
+        step = make_decode_inputs(
+            cache, {0: (5, 10)}, n=1, kv_len=256, vision_len=vision, dtype=forward.dtype
+        )
+        forward.decode(step)  # warm: cuBLAS handles, autotuning
+        sync(forward.device)
+        # On the CPU (--tiny dry run) this counts every profiled CPU op, nested ones included:
+        # it only checks that the code runs.
+        on_cuda = forward.device.type == "cuda"
+        activity = ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU
+        kind = torch.autograd.DeviceType.CUDA if on_cuda else torch.autograd.DeviceType.CPU
+        with profile(activities=[activity]) as prof:
+            forward.decode(step)
+            sync(forward.device)
+        kernels = [e for e in prof.events() if e.device_type == kind]
+        result[f"{name} kernels"] = float(len(kernels))
+        result[f"{name} kernel ms"] = sum(e.device_time for e in kernels) / 1e3
+    return result
+
+
 # -- main ----------------------------------------------------------------------------------------
+class Report:
+    """Rows printed as soon as they are measured (a failure later loses nothing), then a table.
+
+    Each phase runs on its own: an exception is printed with its traceback and recorded as the
+    phase's result, and the next phase still runs.
+    """
+
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+
+    def phase(self, name: str, fn: Any, *args: Any) -> Any:
+        log(f"{name} ...")
+        start = time.perf_counter()
+        try:
+            result = fn(*args)
+        except Exception:
+            log(f"{name} FAILED after {time.perf_counter() - start:.1f} s")
+            traceback.print_exc()
+            sys.stdout.flush()
+            self.failed.append(name)
+            return None
+        log(f"{name}: {result} ({time.perf_counter() - start:.1f} s)")
+        return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="demo model on the CPU (dry run)")
@@ -401,6 +460,12 @@ def main() -> int:
         help="generate() with a static cache but no compile (saves minutes of GPU time)",
     )
     parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument(
+        "--compile-decode",
+        action="store_true",
+        help="the fast decode step through torch.compile before capture (minutes on 11B)",
+    )
+    parser.add_argument("--no-current-engine", action="store_true", help="skip that baseline")
     args = parser.parse_args()
     tiny = args.tiny
     text_tokens = args.text_tokens or (16 if tiny else 128)
@@ -424,6 +489,7 @@ def main() -> int:
     if device.type == "cuda":
         print(f"device: {torch.cuda.get_device_name(device)}", flush=True)
     total_start = time.perf_counter()
+    report = Report()
 
     from model.fast import FastEngineConfig, FastMllamaEngine
 
@@ -434,11 +500,18 @@ def main() -> int:
     params = sum(p.numel() for p in model.parameters()) / 1e9
     log(f"model: {params:.2f} B parameters in {build_s:.1f} s")
 
-    rows: list[tuple[str, str, str]] = []
-    log("baseline generate(): text")
-    base_text = baseline_generate(model, processor, None, text_tokens, device)
-    log("baseline generate(): image")
-    base_image = baseline_generate(model, processor, test_image(tiny), image_tokens, device)
+    base_text = report.phase(
+        "baseline generate(), text", baseline_generate, model, processor, None, text_tokens, device
+    )
+    base_image = report.phase(
+        "baseline generate(), image",
+        baseline_generate,
+        model,
+        processor,
+        test_image(tiny),
+        image_tokens,
+        device,
+    )
 
     config = FastEngineConfig(
         max_len=args.max_len,
@@ -446,6 +519,9 @@ def main() -> int:
         memory_budget_bytes=int(args.fast_budget_gib * (1 << 30)),
         image_cache_bytes=0,  # every request encodes its image: fair TTFT
         cuda_graphs=not args.no_cuda_graphs,
+        compile_decode=args.compile_decode,
+        # The dry run takes the graph path too (buckets, static buffers), without capture.
+        static_decode_on_cpu=not args.no_cuda_graphs,
     )
     engine = FastMllamaEngine.from_loaded(
         model, processor, model_id="bench", config=config, eos_token_ids=()
@@ -454,30 +530,48 @@ def main() -> int:
     timings = Timings()
     engine.batcher.on_finish = timings
     capture_s = 0.0
-    if engine.graphs is not None:
-        log("capturing decode graphs")
+    graphs = engine.graphs
+    if graphs is not None:
+        # Every bucket the runs below can reach, captured before any timing: the longest
+        # context is the longest prompt plus the most new tokens.
+        prompts = [engine_request(None, 1, "n"), engine_request(test_image(tiny), 1, "n")]
+        longest = max(engine.count_prompt_tokens(r) for r in prompts) + max(
+            text_tokens, image_tokens, stream_tokens
+        )
+        kv_lengths = {graphs.bucket(1, n, 0)[1] for n in range(1, longest + 2)}
+        keys = sorted(
+            {
+                graphs.bucket(b, kv, v)
+                for b in graphs.batch_sizes
+                for kv in kv_lengths
+                for v in (0, 1)
+            }
+        )
+
+        def capture() -> str:
+            with torch.inference_mode():
+                graphs.warmup(keys)
+            return f"{len(keys)} buckets"
+
         start = time.perf_counter()
-        keys = {
-            engine.graphs.bucket(b, kv, v)
-            for b in engine.graphs.batch_sizes
-            for kv in (256, 512)
-            for v in (0, 1)
-        }
-        with torch.inference_mode():
-            engine.graphs.warmup(sorted(keys))
+        if report.phase("capturing decode graphs", capture) is None:
+            log("graph capture failed: the fast engine goes on with eager decode")
+            engine.batcher.graphs = None
         capture_s = time.perf_counter() - start
-    log(f"fast engine: {engine.info.max_batch_size} slots, graphs={engine.graphs is not None}")
+    graphs_used = engine.batcher.graphs is not None
+    log(f"fast engine: {engine.info.max_batch_size} slots, graphs={graphs_used}")
 
-    async def fast_single() -> tuple[dict[str, float], dict[str, float]]:
-        text, image = None, test_image(tiny)
-        await fast_one(engine, engine_request(text, 4, "warm-t"), timings)
-        t = await fast_one(engine, engine_request(text, text_tokens, "text"), timings)
-        await fast_one(engine, engine_request(test_image(tiny, 5), 4, "warm-i"), timings)
-        i = await fast_one(engine, engine_request(image, image_tokens, "image"), timings)
-        return t, i
+    async def fast_single(image: Image.Image | None, n: int, tag: str) -> dict[str, float]:
+        await fast_one(engine, engine_request(image, 4, f"warm-{tag}"), timings)
+        return await fast_one(engine, engine_request(image, n, tag), timings)
 
-    log("fast engine: batch 1")
-    fast_text, fast_image = asyncio.run(fast_single())
+    fast_text = report.phase(
+        "fast engine, text b=1", lambda: asyncio.run(fast_single(None, text_tokens, "text"))
+    )
+    fast_image = report.phase(
+        "fast engine, image b=1",
+        lambda: asyncio.run(fast_single(test_image(tiny), image_tokens, "image")),
+    )
 
     rng = random.Random(0)
     arrivals = sorted(rng.uniform(0.0, arrival_s) for _ in range(args.streams))
@@ -489,71 +583,105 @@ def main() -> int:
             for i in range(args.streams)
         ]
 
-    log(f"fast engine: {args.streams} streams")
-    fast_multi = asyncio.run(fast_streams(engine, stream_reqs("s"), arrivals, timings))
-    check = logits_check(model, processor, engine, tiny)
+    fast_multi = report.phase(
+        f"fast engine, {args.streams} streams",
+        lambda: asyncio.run(fast_streams(engine, stream_reqs("s"), arrivals, timings)),
+    )
+    kernels = report.phase("kernels per eager decode step", kernels_per_decode_step, engine)
+    check = report.phase("logits check", logits_check, model, processor, engine, tiny)
     asyncio.run(engine.stop())
 
-    current: dict[str, float] | None = None
-    if Version(transformers.__version__) >= Version("5.24"):
-        log(f"current engine (BatchScheduler, batch 8): {args.streams} streams")
-        current = current_engine_streams(model, processor, stream_reqs("c"), arrivals, device)
+    current = None
+    current_skipped = True
+    if args.no_current_engine:
+        log("current engine baseline skipped (--no-current-engine)")
+    elif Version(transformers.__version__) < Version("5.24"):
+        log("current engine baseline skipped (needs transformers >= 5.24)")
+    else:
+        current_skipped = False
+        current = report.phase(
+            f"current engine (BatchScheduler, batch 8), {args.streams} streams",
+            current_engine_streams,
+            model,
+            processor,
+            stream_reqs("c"),
+            arrivals,
+            device,
+        )
 
-    rows.append(("text b=1 decode tok/s", f"{base_text['tok_s']:.1f}", f"{fast_text['tok_s']:.1f}"))
-    rows.append(("text b=1 TTFT ms", f"{base_text['ttft_ms']:.1f}", f"{fast_text['ttft_ms']:.1f}"))
-    rows.append(
-        ("image b=1 decode tok/s", f"{base_image['tok_s']:.1f}", f"{fast_image['tok_s']:.1f}")
-    )
-    rows.append(
-        ("image b=1 TTFT ms", f"{base_image['ttft_ms']:.1f}", f"{fast_image['ttft_ms']:.1f}")
-    )
-    cur = current or {}
+    def cell(result: dict[str, float] | None, key: str) -> str:
+        return f"{result[key]:.1f}" if result is not None else "failed"
+
+    rows = [
+        ("text b=1 decode tok/s", cell(base_text, "tok_s"), cell(fast_text, "tok_s")),
+        ("text b=1 TTFT ms", cell(base_text, "ttft_ms"), cell(fast_text, "ttft_ms")),
+        ("image b=1 decode tok/s", cell(base_image, "tok_s"), cell(fast_image, "tok_s")),
+        ("image b=1 TTFT ms", cell(base_image, "ttft_ms"), cell(fast_image, "ttft_ms")),
+    ]
     for key, label in [
         ("tok_s", "total tok/s"),
         ("p50_ms", "TTFT p50 ms"),
         ("p99_ms", "TTFT p99 ms"),
     ]:
-        base = f"{cur[key]:.1f}" if key in cur else "skipped"
-        rows.append((f"{args.streams} image streams {label}", base, f"{fast_multi[key]:.1f}"))
+        base = "skipped" if current_skipped else cell(current, key)
+        rows.append((f"{args.streams} image streams {label}", base, cell(fast_multi, key)))
 
     print()
     mode = "CPU, tiny demo model, float32: NOT performance" if tiny else str(device)
-    print(f"## Fast engine vs baseline ({mode})")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"## Fast engine vs baseline ({mode}; {name})")
     print()
     print("| measurement | baseline | fast | fast/baseline |")
     print("| --- | ---: | ---: | ---: |")
-    for name, base, fast in rows:
+    for label, base, fast in rows:
         try:
             r = float(fast) / float(base)
-            if "TTFT" in name:
+            if "TTFT" in label:
                 r = float(base) / float(fast)  # > 1 means the fast engine is better
             shown = f"{r:.2f}x"
         except ValueError:
             shown = "-"
-        print(f"| {name} | {base} | {fast} | {shown} |")
+        print(f"| {label} | {base} | {fast} | {shown} |")
     print()
     print("Baselines: b=1 rows = generate() with a static cache (compiled decode on CUDA")
     print("unless --no-baseline-compile); streams = current BatchScheduler engine (batch 8).")
     print("TTFT ratio is baseline/fast (> 1: the fast engine answers sooner).")
-    print()
-    print("| logits check | max abs diff | rel | cosine | same argmax |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    tol = 1e-4 if tiny else 3e-2
-    ok = True
-    for name, m in check.items():
-        ok &= m["rel"] <= tol and m["cos"] >= (0.99999 if tiny else 0.999)
+    print(
+        f"Fast engine: CUDA graphs {'on' if graphs_used else 'off'}"
+        f"{' (static buffers, no capture, on the CPU)' if graphs_used and tiny else ''}, "
+        f"compiled decode {'on' if args.compile_decode else 'off'}."
+    )
+    if kernels is not None:
+        unit = "kernels" if device.type == "cuda" else "profiled CPU ops (dry run)"
         print(
-            f"| {name} | {m['max_abs']:.2e} | {m['rel']:.2e} | {m['cos']:.6f} | "
-            f"{'yes' if m['argmax_equal'] else 'no'} |"
+            f"Eager decode step, 1 row: {kernels['text kernels']:.0f} {unit} "
+            f"({kernels['text kernel ms']:.2f} ms of kernel time) text, "
+            f"{kernels['image kernels']:.0f} ({kernels['image kernel ms']:.2f} ms) image."
         )
     print()
-    print(f"logits within tolerance (rel <= {tol:g}): {'PASS' if ok else 'FAIL'}")
+    ok = check is not None
+    if check is not None:
+        print("| logits check | max abs diff | rel | cosine | same argmax |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        tol = 1e-4 if tiny else 3e-2
+        for label, m in check.items():
+            ok &= m["rel"] <= tol and m["cos"] >= (0.99999 if tiny else 0.999)
+            print(
+                f"| {label} | {m['max_abs']:.2e} | {m['rel']:.2e} | {m['cos']:.6f} | "
+                f"{'yes' if m['argmax_equal'] else 'no'} |"
+            )
+        print()
+        print(f"logits within tolerance (rel <= {tol:g}): {'PASS' if ok else 'FAIL'}")
+    if report.failed:
+        print(f"failed phases: {', '.join(report.failed)}")
+    warm_text = f"{base_text['warmup_s']:.1f}" if base_text else "-"
+    warm_image = f"{base_image['warmup_s']:.1f}" if base_image else "-"
     print(
-        f"setup: model {build_s:.1f} s, baseline warm-up (compile) text "
-        f"{base_text['warmup_s']:.1f} s / image {base_image['warmup_s']:.1f} s, "
-        f"graph capture {capture_s:.1f} s; total {time.perf_counter() - total_start:.1f} s"
+        f"setup: model {build_s:.1f} s, baseline warm-up (compile) text {warm_text} s / image "
+        f"{warm_image} s, graph capture {capture_s:.1f} s; "
+        f"total {time.perf_counter() - total_start:.1f} s"
     )
-    return 0 if ok else 1
+    return 0 if ok and not report.failed else 1
 
 
 if __name__ == "__main__":

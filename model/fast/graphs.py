@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -58,16 +59,19 @@ class DecodeGraphs:
         self.min_kv = min(min_kv_len, self.max_kv)
         self.max_vision = geometry.max_vision_tokens
         self._fn: Callable[[DecodeInputs], torch.Tensor] = forward.decode
+        self._compile_limits: dict[str, Any] = {}
         if compile_decode:
-            # One compile per bucket (static shapes: the best kernels, and what a graph needs).
-            # Past dynamo's recompile limit (8) it would silently run the rest eagerly.
+            # One compile per bucket (static shapes: the best kernels, and what a graph needs),
+            # more than dynamo's default recompile limit (8). Dynamo's config is thread-local,
+            # so the limits are applied around each call that may compile (`_call`).
             kv_lengths = max(1, (self.max_kv // max(1, self.min_kv)).bit_length())
             buckets = len(self.batch_sizes) * (kv_lengths + 1) * 2
-            dynamo = torch._dynamo.config
-            dynamo.recompile_limit = max(dynamo.recompile_limit, buckets)
-            dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, buckets)
-            # fullgraph: a graph break (a host sync, data-dependent Python) fails loudly here
-            # rather than inside a capture.
+            self._compile_limits = {
+                "recompile_limit": max(8, buckets),
+                "accumulated_recompile_limit": max(256, buckets),
+            }
+            # fullgraph: a graph break (a host sync, data-dependent Python) or going past the
+            # limit fails loudly here rather than running eagerly or inside a capture.
             self._fn = torch.compile(  # type: ignore[assignment]
                 forward.decode, dynamic=False, fullgraph=True, backend=compile_backend
             )
@@ -108,10 +112,16 @@ class DecodeGraphs:
                 dst.copy_(src, non_blocking=True)
         self.replays += 1
         if captured.graph is None:
-            return self._fn(captured.inputs)
+            return self._call(captured.inputs)
         captured.graph.replay()
         # The buffer is overwritten by the next replay: the caller consumes it before that.
         return captured.logits
+
+    def _call(self, inputs: DecodeInputs) -> torch.Tensor:
+        if not self._compile_limits:
+            return self._fn(inputs)
+        with torch._dynamo.config.patch(dict(self._compile_limits)):
+            return self._fn(inputs)
 
     def _idle_inputs(self, rows: int, kv_len: int, vision: int) -> DecodeInputs:
         """Static buffers holding a step where every row is idle (safe to run at any time)."""
@@ -123,17 +133,17 @@ class DecodeGraphs:
     def _capture(self, rows: int, kv_len: int, vision: int) -> _Captured:
         static = self._idle_inputs(rows, kv_len, vision)
         if not self.capture:
-            return _Captured(graph=None, inputs=static, logits=self._fn(static))
+            return _Captured(graph=None, inputs=static, logits=self._call(static))
         # Warm up on a side stream (cuBLAS handles, autotuning, compilation) before capture.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._fn(static)
+                self._call(static)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the event loop thread may touch CUDA (e.g. a tokenizer-free health
         # check) while the worker captures; only this thread's work is captured.
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            logits = self._fn(static)
+            logits = self._call(static)
         return _Captured(graph=graph, inputs=static, logits=logits)

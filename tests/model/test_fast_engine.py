@@ -9,6 +9,7 @@ before `<|image|>`). Token ids are compared exactly, logits with atol 1e-4.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from model.engine import (
 )
 from model.fast import FastEngineConfig, FastMllamaEngine, RequestTooLarge
 from model.fast.forward import FastForward, PrefillChunk, make_decode_inputs
+from model.fast.graphs import DecodeGraphs
 from model.fast.kv_cache import CacheGeometry, StaticKVCache, plan_slots
 from model.fast.reference import transformers_row_mask_fix
 from model.fast.sampling import SlotSampler
@@ -652,6 +654,40 @@ def test_decode_traces_as_one_graph(forward: FastForward, loaded: tuple[Any, Any
     assert torch.allclose(got, want, atol=1e-5)
     assert written.abs().sum() > 0
     assert torch.equal(column, written)
+
+
+def test_compiled_buckets_past_dynamos_recompile_limit(forward: FastForward) -> None:
+    """More buckets than dynamo's default recompile limit (8), compiled from another thread
+    than the one that built the graphs (as the engine's worker does; dynamo's config is
+    thread-local): every bucket compiles, none fails or falls back."""
+    graphs = DecodeGraphs(
+        forward,
+        batch_sizes=(1, 2, 3, 4),
+        min_kv_len=16,
+        compile_decode=True,
+        compile_backend="aot_eager",
+        capture=False,
+    )
+    keys = [graphs.bucket(rows, kv, 0) for rows in (1, 2, 3, 4) for kv in (16, 32, 64)]
+    errors: list[BaseException] = []
+
+    def warm() -> None:
+        try:
+            with torch.inference_mode():
+                graphs.warmup(keys)
+        except BaseException as exc:  # reported in the test's thread
+            errors.append(exc)
+
+    worker = threading.Thread(target=warm)
+    worker.start()
+    worker.join()
+    assert errors == []
+    assert graphs.captured == sorted(keys) and len(keys) > 8
+    step = make_decode_inputs(
+        forward.cache, {0: (3, 5)}, n=4, kv_len=64, vision_len=0, dtype=forward.dtype
+    )
+    with torch.inference_mode():
+        assert torch.allclose(graphs.run(step), forward.decode(step), atol=1e-5)
 
 
 @torch.inference_mode()
