@@ -70,6 +70,8 @@ class ContinuousBatcher:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.max_running = 0
+        self.tokens_out = 0  # sampled tokens, all requests (throughput: read between steps)
+        self.decoded_rows = 0  # rows of the last decode step
         # Hooks for tests and metrics, called in the worker thread.
         self.on_step: Callable[[ContinuousBatcher], None] | None = None
         self.on_finish: Callable[[FastSequence], None] | None = None
@@ -226,6 +228,7 @@ class ContinuousBatcher:
 
     def _step(self) -> None:
         decoding = [s for s in self._running if s.decoding]
+        self.decoded_rows = len(decoding)
         if decoding:
             self._decode(decoding)
         self._encode_vision()
@@ -235,6 +238,7 @@ class ContinuousBatcher:
     def _accept(self, seq: FastSequence, token: int) -> None:
         """Record one sampled token; finish the request or keep it for the next decode step."""
         seq.completion_tokens += 1
+        self.tokens_out += 1
         seq.output_ids.append(token)
         seq.last_token = None
         if seq.first_token_step is None:

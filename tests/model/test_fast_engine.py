@@ -348,9 +348,11 @@ def test_stop_string_cuts_the_text(engine: FastMllamaEngine) -> None:
 def test_max_tokens_gives_length(engine: FastMllamaEngine) -> None:
     _, unconstrained, _ = asyncio.run(run(engine, request(TEXTS[1], max_tokens=20)))
     assert unconstrained.completion_tokens > 3
+    before = engine.batcher.tokens_out
     _, finished, _ = asyncio.run(run(engine, request(TEXTS[1], max_tokens=3)))
     assert finished.reason == "length"
     assert finished.completion_tokens == 3
+    assert engine.batcher.tokens_out == before + 3  # the throughput counter of the benchmark
 
 
 def test_long_prompt_prefilled_in_chunks(loaded: tuple[Any, Any]) -> None:
