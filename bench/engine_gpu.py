@@ -387,9 +387,7 @@ def logits_check(
     rows = {0: (token, n)}
     forward.cache.set_vision_mask(0, vision[-1])
     eager = forward.decode(
-        make_decode_inputs(
-            forward.cache, rows, n=1, kv_len=n + 1, vision_len=vision.shape[-1], dtype=dtype
-        )
+        make_decode_inputs(forward.cache, rows, n=1, kv_len=n + 1, vision_len=vision.shape[-1])
     )[0]
     result = {
         "prefill vs eager": compare(out.logits[0, -1], prefill),
@@ -398,9 +396,7 @@ def logits_check(
     if device.type == "cuda":  # GPU only: the graph path against our own eager decode
         graphs = DecodeGraphs(forward, batch_sizes=(1,), min_kv_len=256)
         b, kv_len, vis = graphs.bucket(1, n + 1, vision.shape[-1])
-        padded = make_decode_inputs(
-            forward.cache, rows, n=b, kv_len=kv_len, vision_len=vis, dtype=dtype
-        )
+        padded = make_decode_inputs(forward.cache, rows, n=b, kv_len=kv_len, vision_len=vis)
         result["graph decode vs eager"] = compare(eager, graphs.run(padded)[0].clone())
     return result
 
@@ -419,9 +415,7 @@ def kernels_per_decode_step(engine: Any) -> dict[str, float]:
     cache = forward.cache
     result: dict[str, float] = {}
     for name, vision in (("text", 0), ("image", cache.geometry.max_vision_tokens)):
-        step = make_decode_inputs(
-            cache, {0: (5, 10)}, n=1, kv_len=256, vision_len=vision, dtype=forward.dtype
-        )
+        step = make_decode_inputs(cache, {0: (5, 10)}, n=1, kv_len=256, vision_len=vision)
         forward.decode(step)  # warm: cuBLAS handles, autotuning
         sync(forward.device)
         # On the CPU (--tiny dry run) this counts every profiled CPU op, nested ones included:

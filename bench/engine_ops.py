@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import inspect
 import json
 import os
 import statistics
@@ -114,6 +115,9 @@ def measure_fast(model: Any, processor: Any, repeats: int) -> dict[str, Any]:
     from model.fast.kv_cache import CacheGeometry, StaticKVCache
 
     geometry = CacheGeometry.from_model(model, max_len=512, max_images=1, dtype=torch.float32)
+    # Older trees (--before) built the masks outside the step and took the dtype.
+    takes_dtype = "dtype" in inspect.signature(make_decode_inputs).parameters
+    extra: dict[str, Any] = {"dtype": torch.float32} if takes_dtype else {}
     forward = FastForward(model, StaticKVCache(geometry, slots=8, device=torch.device("cpu")))
     result: dict[str, Any] = {}
     for case, with_image in (("text", False), ("image", True)):
@@ -138,7 +142,7 @@ def measure_fast(model: Any, processor: Any, repeats: int) -> dict[str, Any]:
                 n=rows,
                 kv_len=256,
                 vision_len=geometry.max_vision_tokens if with_image else 0,
-                dtype=torch.float32,
+                **extra,
             )
             with OpCounter() as counter:
                 forward.decode(step)

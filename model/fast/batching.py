@@ -276,9 +276,7 @@ class ContinuousBatcher:
             n, kv_len, vision_len = self.graphs.bucket(n, kv_len, vision_len)
         rows = {slot: (int(seq.last_token or 0), seq.cached) for slot, seq in by_slot.items()}
         device = self.forward.device
-        inputs = make_decode_inputs(
-            self.cache, rows, n=n, kv_len=kv_len, vision_len=vision_len, dtype=self.forward.dtype
-        )
+        inputs = make_decode_inputs(self.cache, rows, n=n, kv_len=kv_len, vision_len=vision_len)
         run = self.graphs.run if self.graphs is not None else self.forward.decode
         logits = run(inputs)
         slots = sorted(by_slot)

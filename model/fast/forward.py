@@ -53,16 +53,20 @@ class PrefillChunk:
 
 @dataclass
 class DecodeInputs:
-    """One decode step for rows `0..n-1`; every shape is fixed by (n, kv_len, vision_len)."""
+    """One decode step for rows `0..n-1`; every shape is fixed by (n, kv_len, vision_len).
 
-    tokens: torch.Tensor  # [n] long
-    positions: torch.Tensor  # [n] long: RoPE position of the new token
-    write_index: torch.Tensor  # [n] long: cache column to write (scratch for idle rows)
-    # Additive masks in the model dtype (0 or -inf), built once per step: SDPA would otherwise
-    # convert a boolean mask again in every layer.
-    self_mask: torch.Tensor  # [n, 1, 1, kv_len]
-    cross_mask: torch.Tensor | None  # [n, 1, 1, vision_len]; None: no row sees an image
-    row_gate: torch.Tensor | None  # [n, 1, 1] model dtype: 1 for rows that see an image, else 0
+    Only `ids` changes from step to step (one small host-to-device copy); the masks are built
+    inside the step from the positions and the cache's per-slot vision masks, so a CUDA graph
+    replays them too instead of a dozen small launches per step outside it.
+    """
+
+    ids: torch.Tensor  # [3, n] long: token, RoPE position, cache column to write (per row)
+    kv_len: int  # self-attention keys read per row (columns 0..kv_len-1 of the slot)
+    vision_len: int  # vision tokens read per row; 0: no row sees an image (layers skipped)
+
+    @property
+    def rows(self) -> int:
+        return int(self.ids.shape[1])
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -218,30 +222,36 @@ class FastForward:
     # -- decode ----------------------------------------------------------------------------
     def decode(self, inp: DecodeInputs) -> torch.Tensor:
         """Logits `[n, vocab]` (float32) of the next token for rows `0..n-1`."""
-        n = inp.tokens.shape[0]
-        kv_len = inp.self_mask.shape[-1]
+        n, kv_len, vision_len = inp.rows, inp.kv_len, inp.vision_len
+        tokens, positions, write_index = inp.ids[0], inp.ids[1], inp.ids[2]
         rows = torch.arange(n, device=self.device)
-        cos, sin = self.rope.at(inp.positions)  # [n, 1, D]
-        h = self.embed_tokens(inp.tokens)[:, None]  # [n, 1, hidden]
+        keys = torch.arange(kv_len, device=self.device)
+        causal = (keys[None, :] <= positions[:, None])[:, None, None]  # [n, 1, 1, kv_len]
+        self_mask = additive_mask(causal, self.dtype)
+        cross_mask = row_gate = None
         cache = self.cache
+        if vision_len > 0:
+            safe, gate = _gated_cross_attention_mask(cache.vision_mask[:n, :vision_len], self.dtype)
+            cross_mask, row_gate = safe[:, None, None], gate[:, None]  # [n,1,1,V], [n,1,1]
+        cos, sin = self.rope.at(positions)  # [n, 1, D]
+        h = self.embed_tokens(tokens)[:, None]  # [n, 1, hidden]
         for idx, layer in enumerate(self.layers):
             if idx in self.cross_layers:
-                if inp.cross_mask is None or inp.row_gate is None:
+                if cross_mask is None or row_gate is None:
                     continue  # no row sees an image: the layer would add exactly zero
-                vision_len = inp.cross_mask.shape[-1]
                 kv = (
                     cache.cross_k[idx][:n, :, :vision_len],
                     cache.cross_v[idx][:n, :, :vision_len],
                 )
-                h = self._cross_layer(idx, h, kv, inp.cross_mask, inp.row_gate)
+                h = self._cross_layer(idx, h, kv, cross_mask, row_gate)
                 continue
             x = rms_norm(layer.input_layernorm, h[:, 0])  # [n, hidden]
             q, k, v = self._qkv(idx, x, cos, sin)  # [n, heads, D], [n, kv_heads, D] x 2
             kc, vc = cache.self_k[idx], cache.self_v[idx]
-            kc[rows, :, inp.write_index] = k
-            vc[rows, :, inp.write_index] = v
+            kc[rows, :, write_index] = k
+            vc[rows, :, write_index] = v
             out = self._attend_one(
-                q, kc[:n, :, :kv_len], vc[:n, :, :kv_len], inp.self_mask, layer.self_attn.scaling
+                q, kc[:n, :, :kv_len], vc[:n, :, :kv_len], self_mask, layer.self_attn.scaling
             )
             h = h + layer.self_attn.o_proj(out)
             h = h + self.weights[idx].mlp(rms_norm(layer.post_attention_layernorm, h))
@@ -344,28 +354,15 @@ def make_decode_inputs(
     n: int,
     kv_len: int,
     vision_len: int,
-    dtype: torch.dtype,
 ) -> DecodeInputs:
     """Inputs of one decode step for rows `0..n-1`; `rows` maps slot -> (token, position).
 
     Slots in `0..n-1` not in `rows` are idle: token 0 at position 0, attending to column 0
-    only (finite, discarded) and writing to the scratch column. The cross mask is a slice of
-    the cache's per-slot vision masks (`vision_len` 0: no row sees an image, layers skipped).
+    only (finite, discarded) and writing to the scratch column. The step's cross mask is the
+    cache's per-slot vision masks (`vision_len` 0: no row sees an image, layers skipped).
     """
     tokens, positions, write = [0] * n, [0] * n, [cache.scratch] * n
     for slot, (token, position) in rows.items():
         tokens[slot], positions[slot], write[slot] = token, position, position
-    packed = torch.tensor([tokens, positions, write], dtype=torch.long).to(cache.device)
-    keys = torch.arange(kv_len, device=cache.device)
-    cross_mask = row_gate = None
-    if vision_len > 0:
-        safe, gate = _gated_cross_attention_mask(cache.vision_mask[:n, :vision_len], dtype)
-        cross_mask, row_gate = safe[:, None, None], gate[:, None]
-    return DecodeInputs(
-        tokens=packed[0],
-        positions=packed[1],
-        write_index=packed[2],
-        self_mask=additive_mask((keys[None, :] <= packed[1][:, None])[:, None, None], dtype),
-        cross_mask=cross_mask,
-        row_gate=row_gate,
-    )
+    ids = torch.tensor([tokens, positions, write], dtype=torch.long).to(cache.device)
+    return DecodeInputs(ids=ids, kv_len=kv_len, vision_len=vision_len)

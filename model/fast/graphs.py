@@ -22,7 +22,7 @@ so warm up the buckets you need at start).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -98,18 +98,11 @@ class DecodeGraphs:
                 self._graphs[key] = self._capture(*key)
 
     def run(self, inputs: DecodeInputs) -> torch.Tensor:
-        key = (
-            int(inputs.tokens.shape[0]),
-            int(inputs.self_mask.shape[-1]),
-            int(inputs.cross_mask.shape[-1]) if inputs.cross_mask is not None else 0,
-        )
+        key = (inputs.rows, inputs.kv_len, inputs.vision_len)
         captured = self._graphs.get(key)
         if captured is None:
             captured = self._graphs[key] = self._capture(*key)
-        for f in fields(DecodeInputs):
-            src, dst = getattr(inputs, f.name), getattr(captured.inputs, f.name)
-            if dst is not None:
-                dst.copy_(src, non_blocking=True)
+        captured.inputs.ids.copy_(inputs.ids, non_blocking=True)
         self.replays += 1
         if captured.graph is None:
             return self._call(captured.inputs)
@@ -125,10 +118,7 @@ class DecodeGraphs:
 
     def _idle_inputs(self, rows: int, kv_len: int, vision: int) -> DecodeInputs:
         """Static buffers holding a step where every row is idle (safe to run at any time)."""
-        forward = self.forward
-        return make_decode_inputs(
-            forward.cache, {}, n=rows, kv_len=kv_len, vision_len=vision, dtype=forward.dtype
-        )
+        return make_decode_inputs(self.forward.cache, {}, n=rows, kv_len=kv_len, vision_len=vision)
 
     def _capture(self, rows: int, kv_len: int, vision: int) -> _Captured:
         static = self._idle_inputs(rows, kv_len, vision)

@@ -598,7 +598,6 @@ def decode_step(
         n=max(rows) + 1,
         kv_len=max(pos for _, pos, _ in rows.values()) + 1,
         vision_len=max((m.shape[0] for _, _, m in rows.values() if m is not None), default=0),
-        dtype=forward.dtype,
     )
     return forward.decode(inputs)
 
@@ -644,7 +643,6 @@ def test_decode_traces_as_one_graph(forward: FastForward, loaded: tuple[Any, Any
         n=2,
         kv_len=256,
         vision_len=forward.cache.geometry.max_vision_tokens,
-        dtype=forward.dtype,
     )
     layer = min(forward.cache.self_k)
     column = forward.cache.self_k[layer][0, :, n_prompt]
@@ -685,9 +683,7 @@ def test_compiled_buckets_past_dynamos_recompile_limit(forward: FastForward) -> 
     worker.join()
     assert errors == []
     assert graphs.captured == sorted(keys) and len(keys) > 8
-    step = make_decode_inputs(
-        forward.cache, {0: (3, 5)}, n=4, kv_len=64, vision_len=0, dtype=forward.dtype
-    )
+    step = make_decode_inputs(forward.cache, {0: (3, 5)}, n=4, kv_len=64, vision_len=0)
     with torch.inference_mode():
         assert torch.allclose(graphs.run(step), forward.decode(step), atol=1e-5)
 
