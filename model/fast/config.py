@@ -38,6 +38,10 @@ class FastEngineConfig:
     compile_backend: str = "inductor"  # tests use "aot_eager" (traced, no code generation)
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     graph_min_kv_len: int = 256
+    # Capture every bucket at start (a few seconds eager; one compile each with
+    # compile_decode): else a step that lands in a new bucket captures it on the spot, and
+    # the streams in that step wait for it.
+    graph_warmup: bool = True
     # Off CUDA: run the CUDA-graph path's buckets and static buffers anyway, without capture
     # (tests of that path on machines without a GPU).
     static_decode_on_cpu: bool = False

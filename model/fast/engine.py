@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ class FastMllamaEngine:
         self._batcher: ContinuousBatcher | None = None
         self._graphs: DecodeGraphs | None = None
         self._slots = 0
+        self._graph_warmup_s = 0.0
         self._max_len = self.config.max_len
         # The tokenizer's Rust state is not safe to use from two threads at once.
         self._processor_lock = threading.Lock()
@@ -98,6 +100,8 @@ class FastMllamaEngine:
             dtype=str(self._dtype),
             slots=self._slots,
             max_len=self._max_len,
+            graphs=len(self._graphs.captured) if self._graphs is not None else 0,
+            graph_warmup_s=round(self._graph_warmup_s, 1),
         )
 
     def _load(self) -> None:
@@ -140,6 +144,13 @@ class FastMllamaEngine:
                 compile_backend=self.config.compile_backend,
                 capture=on_cuda,
             )
+        warmup_s = 0.0
+        if self._graphs is not None and self.config.graph_warmup:
+            started = time.perf_counter()
+            with torch.inference_mode():
+                self._graphs.warmup(self._graphs.all_buckets())
+            warmup_s = time.perf_counter() - started
+        self._graph_warmup_s = warmup_s
         image_cache = None
         if self.config.image_cache_bytes > 0:
             image_cache = ImageStateCache(self.config.image_cache_bytes)

@@ -64,8 +64,7 @@ class DecodeGraphs:
             # One compile per bucket (static shapes: the best kernels, and what a graph needs),
             # more than dynamo's default recompile limit (8). Dynamo's config is thread-local,
             # so the limits are applied around each call that may compile (`_call`).
-            kv_lengths = max(1, (self.max_kv // max(1, self.min_kv)).bit_length())
-            buckets = len(self.batch_sizes) * (kv_lengths + 1) * 2
+            buckets = len(self.all_buckets())
             self._compile_limits = {
                 "recompile_limit": max(8, buckets),
                 "accumulated_recompile_limit": max(256, buckets),
@@ -86,6 +85,14 @@ class DecodeGraphs:
             length *= 2
         vision = self.max_vision if vision_len > 0 else 0
         return rows, min(length, self.max_kv), vision
+
+    def all_buckets(self) -> list[tuple[int, int, int]]:
+        """Every (rows, kv_len, vision_len) a decode step can land in."""
+        lengths = [self.min_kv]
+        while lengths[-1] < self.max_kv:
+            lengths.append(min(lengths[-1] * 2, self.max_kv))
+        visions = (0, self.max_vision) if self.max_vision > 0 else (0,)
+        return [(b, kv, v) for b in self.batch_sizes for kv in lengths for v in visions]
 
     @property
     def captured(self) -> list[tuple[int, int, int]]:

@@ -292,6 +292,7 @@ def test_cuda_graph_buckets_and_static_buffers_give_the_same_tokens(
         static_decode_on_cpu=True,
         graph_batch_sizes=(1, 2, 4),
         graph_min_kv_len=16,
+        graph_warmup=False,  # buckets captured on first use: which ones is asserted below
         compile_decode=compiled,
         compile_backend="aot_eager",
     )
@@ -327,6 +328,31 @@ def test_cuda_graph_buckets_and_static_buffers_give_the_same_tokens(
         # Compiled: one graph per bucket, none broken up (fullgraph), none run eagerly.
         compiled_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - compiles
         assert compiled_graphs == (len(buckets) if compiled else 0)
+    finally:
+        asyncio.run(engine.stop())
+
+
+def test_every_bucket_is_captured_at_start(loaded: tuple[Any, Any]) -> None:
+    """`graph_warmup`: no step captures a bucket while serving (the streams would wait)."""
+    engine = make_engine(loaded, static_decode_on_cpu=True, graph_batch_sizes=(1, 2, 4))
+    try:
+        graphs = engine.graphs
+        assert graphs is not None
+        max_vision = engine.batcher.cache.geometry.max_vision_tokens
+        # Rows 1, 2, 4 and all 6 slots; kv 256, 512 and the whole slot (513); vision or not.
+        want = [
+            (rows, kv, vision)
+            for rows in (1, 2, 4, 6)
+            for kv in (256, 512, 513)
+            for vision in (0, max_vision)
+        ]
+        assert graphs.captured == sorted(want) == sorted(graphs.all_buckets())
+        reqs = [request(TEXTS[0], rid="w-t0"), request("Colour?", image(RED), rid="w-i0")]
+        texts = asyncio.run(together(engine, reqs))
+        assert graphs.replays > 0
+        assert graphs.captured == sorted(want)  # nothing new while serving
+        for req, text in zip(reqs, texts, strict=True):
+            assert_matches_reference(engine, loaded, req, text)
     finally:
         asyncio.run(engine.stop())
 
