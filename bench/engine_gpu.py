@@ -393,11 +393,12 @@ def logits_check(
         "prefill vs eager": compare(out.logits[0, -1], prefill),
         "decode vs eager": compare(step.logits[0, -1], eager),
     }
-    if device.type == "cuda":  # GPU only: the graph path against our own eager decode
-        graphs = DecodeGraphs(forward, batch_sizes=(1,), min_kv_len=256)
-        b, kv_len, vis = graphs.bucket(1, n + 1, vision.shape[-1])
-        padded = make_decode_inputs(forward.cache, rows, n=b, kv_len=kv_len, vision_len=vis)
-        result["graph decode vs eager"] = compare(eager, graphs.run(padded)[0].clone())
+    # The graph path (on the CPU: its buckets and static buffers, no capture) against our own
+    # eager decode; the padded bucket (idle rows, longer kv, full vision) must not change row 0.
+    graphs = DecodeGraphs(forward, batch_sizes=(1,), min_kv_len=256, capture=device.type == "cuda")
+    b, kv_len, vis = graphs.bucket(1, n + 1, vision.shape[-1])
+    padded = make_decode_inputs(forward.cache, rows, n=b, kv_len=kv_len, vision_len=vis)
+    result["graph decode vs eager"] = compare(eager, graphs.run(padded)[0].clone())
     return result
 
 
