@@ -32,7 +32,8 @@ class FastEngineConfig:
     max_waiting: int = 256
     # Projected vision states kept by image hash (0 disables the cache).
     image_cache_bytes: int = 1 * GIB
-    # GPU only (ignored on the CPU): CUDA graphs for the decode step, optionally compiled.
+    # CUDA graphs for the decode step, optionally compiled (on the CPU only with
+    # `static_decode_on_cpu`, which runs the same buckets without capture).
     cuda_graphs: bool = True
     compile_decode: bool = False
     compile_backend: str = "inductor"  # tests use "aot_eager" (traced, no code generation)
