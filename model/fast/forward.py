@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from model.fast.kv_cache import StaticKVCache
 from model.fast.layers import LayerWeights, RotaryTables, rms_norm
+from model.fast.vision_attention import vision_attention_without_mask
 
 
 @dataclass
@@ -138,13 +139,15 @@ class FastForward:
 
         The encoder runs on the processor's padded tiles (real tiles attend to padded ones in
         Mllama's vision encoder, so trimming before would change the real tiles' states); the
-        padded tiles are dropped from its output, before the projector.
+        padded tiles are dropped from its output, before the projector. Its attention runs
+        without transformers' N x N mask (`model.fast.vision_attention`: the same result).
         """
-        out = self.vision_model(
-            pixel_values=pixel_values.to(self.device, self.dtype),
-            aspect_ratio_ids=aspect_ratio_ids.to(self.device),
-            aspect_ratio_mask=aspect_ratio_mask.to(self.device),
-        ).last_hidden_state  # [1, images, max_tiles, tokens_per_tile, vision_output_dim]
+        with vision_attention_without_mask(self.vision_model):  # same result, no N x N mask
+            out = self.vision_model(
+                pixel_values=pixel_values.to(self.device, self.dtype),
+                aspect_ratio_ids=aspect_ratio_ids.to(self.device),
+                aspect_ratio_mask=aspect_ratio_mask.to(self.device),
+            ).last_hidden_state  # [1, images, max_tiles, tokens_per_tile, vision_output_dim]
         states = []
         for i in range(out.shape[1]):
             tiles = int(aspect_ratio_mask[0, i].sum())
