@@ -9,7 +9,7 @@ At batch 1 an 11B decode step is ~550 kernels (`bench/engine_ops.py`), and launc
 Python costs more than running them. A graph per shape bucket replays them in one launch.
 Shapes are bucketed so a handful of graphs cover all steps: rows `n` round up to
 `graph_batch_sizes` (extra rows are idle: they write to the scratch column and are discarded),
-`kv_len` to a power of two (at least `graph_min_kv_len`, at most `max_len + 1`), and the vision
+`kv_len` to a power of two (at least `graph_min_kv_len`, at most `max_len`), and the vision
 length is either 0 (no row sees an image: cross-attention layers skipped) or the slot's full
 vision capacity (rows masked).
 
@@ -55,7 +55,9 @@ class DecodeGraphs:
         geometry = forward.cache.geometry
         slots = forward.cache.slots
         self.batch_sizes = sorted({b for b in batch_sizes if b < slots} | {slots})
-        self.max_kv = geometry.max_len + 1
+        # A decode step reads at most max_len columns (prompt + completion <= max_len, and the
+        # token being fed is at most at max_len - 1); the scratch column is never read.
+        self.max_kv = geometry.max_len
         self.min_kv = min(min_kv_len, self.max_kv)
         self.max_vision = geometry.max_vision_tokens
         self._fn: Callable[[DecodeInputs], torch.Tensor] = forward.decode

@@ -11,7 +11,7 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoProcessor, MllamaForConditionalGeneration
 
-from model.fast.vision_attention import NAME, vision_attention_without_mask
+from model.fast.vision_attention import NAME, SplitPaddingAttention, vision_attention_without_mask
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +83,15 @@ def test_padding_queries_see_only_real_keys(loaded: tuple[Any, Any]) -> None:
             got = vision(**inputs).last_hidden_state[0, 0, 1:]
     assert want.abs().max() > 0
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_padding_positions_found_once_per_encoder_call() -> None:
+    """Every layer gets the same mask object: its padding positions are computed once."""
+    # Two tiles of 3 tokens (the last one padding), the second tile padded: the outer product.
+    padding = torch.tensor([[False, False, True, True, True, True]])
+    mask = (padding[:, :, None] & padding[:, None, :]).float()[:, None] * torch.finfo().min
+    split = SplitPaddingAttention()
+    groups = split.groups(mask)
+    assert [g.tolist() for g in groups[0]] == [[0, 1], [2, 3, 4, 5]]
+    assert split.groups(mask) is groups  # the next layer: no new host sync
+    assert split.groups(mask.clone()) is not groups  # the next call's mask: found again
