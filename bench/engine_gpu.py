@@ -402,6 +402,63 @@ def logits_check(
     return result
 
 
+# -- attention kernels ---------------------------------------------------------------------------
+@torch.inference_mode()
+def attention_backends(model: Any, device: torch.device) -> dict[str, str]:
+    """Which SDPA kernel runs for the fast engine's attention shapes (bf16 on the GPU), each
+    called once. If one fails on cuDNN (which SDPA may prefer on sm90), cuDNN attention is
+    switched off for the whole process and the call retried on what SDPA picks next."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend
+
+    text = model.config.get_text_config(decoder=True)
+    vision = model.config.vision_config
+    heads, kv_heads = int(text.num_attention_heads), int(text.num_key_value_heads)
+    dim = int(text.hidden_size) // heads
+    vision_heads = int(vision.attention_heads)
+    vision_dim = int(vision.hidden_size) // vision_heads
+    image = int(vision.max_num_tiles) * int(model.model.vision_model.num_patches)
+    dtype = next(model.parameters()).dtype
+
+    def t(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    def mask(queries: int, keys: int) -> torch.Tensor:
+        return torch.zeros(1, 1, queries, keys, device=device, dtype=dtype)
+
+    rep = heads // kv_heads
+    cases = {
+        "decode self, kv 256": (t(1, kv_heads, rep, dim), t(1, kv_heads, 256, dim), mask(1, 256)),
+        "decode cross, 4 tiles": (
+            t(1, kv_heads, rep, dim),
+            t(1, kv_heads, image, dim),
+            mask(1, image),
+        ),
+        "prefill self, 40 tokens": (t(1, heads, 40, dim), t(1, heads, 40, dim), mask(40, 40)),
+        "vision, real queries": (
+            t(1, vision_heads, image, vision_dim),
+            t(1, vision_heads, image + 28, vision_dim),
+            None,
+        ),
+    }
+    result: dict[str, str] = {}
+    for name, (q, k, m) in cases.items():
+        chosen = SDPBackend(torch._fused_sdp_choice(q, k, k, attn_mask=m)).name
+        try:
+            F.scaled_dot_product_attention(q, k, k, attn_mask=m)
+            sync(device)
+            result[name] = chosen
+        except RuntimeError as exc:
+            if chosen != "CUDNN_ATTENTION":
+                raise
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            retry = SDPBackend(torch._fused_sdp_choice(q, k, k, attn_mask=m)).name
+            F.scaled_dot_product_attention(q, k, k, attn_mask=m)
+            sync(device)
+            result[name] = f"CUDNN_ATTENTION failed ({str(exc)[:80]}); cuDNN off, now {retry}"
+    return result
+
+
 # -- kernels per decode step (GPU) ---------------------------------------------------------------
 @torch.inference_mode()
 def kernels_per_decode_step(engine: Any) -> dict[str, float]:
@@ -427,7 +484,11 @@ def kernels_per_decode_step(engine: Any) -> dict[str, float]:
         with profile(activities=[activity]) as prof:
             forward.decode(step)
             sync(forward.device)
-        kernels = [e for e in prof.events() if e.device_type == kind]
+        kernels = [
+            e
+            for e in prof.events()
+            if e.device_type == kind and not e.name.startswith(("Memcpy", "Memset"))
+        ]
         result[f"{name} kernels"] = float(len(kernels))
         result[f"{name} kernel ms"] = sum(e.device_time for e in kernels) / 1e3
     return result
@@ -481,6 +542,11 @@ def main() -> int:
         help="the fast decode step through torch.compile before capture (minutes on 11B)",
     )
     parser.add_argument("--no-current-engine", action="store_true", help="skip that baseline")
+    parser.add_argument(
+        "--no-cudnn-attention",
+        action="store_true",
+        help="switch SDPA's cuDNN kernel off (flash / memory-efficient only)",
+    )
     args = parser.parse_args()
     tiny = args.tiny
     text_tokens = args.text_tokens or (16 if tiny else 128)
@@ -514,6 +580,9 @@ def main() -> int:
         model.generation_config.disable_compile = True
     params = sum(p.numel() for p in model.parameters()) / 1e9
     log(f"model: {params:.2f} B parameters in {build_s:.1f} s")
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    backends = report.phase("attention kernels", attention_backends, model, device)
 
     base_text = report.phase(
         "baseline generate(), text", baseline_generate, model, processor, None, text_tokens, device
@@ -544,10 +613,13 @@ def main() -> int:
         model, processor, model_id="bench", config=config, eos_token_ids=()
     )
     start = time.perf_counter()
-    asyncio.run(engine.start())
+    report.phase("fast engine start", lambda: asyncio.run(engine.start()))
     start_s = time.perf_counter() - start
     captured_at_start = len(engine.graphs.captured) if engine.graphs is not None else 0
     log(f"fast engine start: {start_s:.1f} s, {captured_at_start} decode graphs captured")
+    if engine.graph_error is not None:  # the engine went on eagerly
+        log(f"decode graphs FAILED at start, eager decode instead: {engine.graph_error}")
+        report.failed.append("decode graphs at start")
     timings = Timings()
     engine.batcher.on_finish = timings
     capture_s = 0.0
@@ -679,6 +751,8 @@ def main() -> int:
         f"{' (static buffers, no capture, on the CPU)' if graphs_used and tiny else ''}, "
         f"compiled decode {'on' if args.compile_decode else 'off'}."
     )
+    if backends is not None:
+        print("Attention kernels: " + "; ".join(f"{k}: {v}" for k, v in backends.items()) + ".")
     if kernels is not None:
         unit = "kernels" if device.type == "cuda" else "profiled CPU ops (dry run)"
         print(

@@ -69,6 +69,8 @@ class FastMllamaEngine:
         self._graphs: DecodeGraphs | None = None
         self._slots = 0
         self._graph_warmup_s = 0.0
+        # Why the decode graphs are off although configured (their capture failed at start).
+        self.graph_error: str | None = None
         self._max_len = self.config.max_len
         # The tokenizer's Rust state is not safe to use from two threads at once.
         self._processor_lock = threading.Lock()
@@ -144,13 +146,16 @@ class FastMllamaEngine:
                 compile_backend=self.config.compile_backend,
                 capture=on_cuda,
             )
-        warmup_s = 0.0
         if self._graphs is not None and self.config.graph_warmup:
             started = time.perf_counter()
-            with torch.inference_mode():
-                self._graphs.warmup(self._graphs.all_buckets())
-            warmup_s = time.perf_counter() - started
-        self._graph_warmup_s = warmup_s
+            try:
+                with torch.inference_mode():
+                    self._graphs.warmup(self._graphs.all_buckets())
+            except Exception as exc:  # serve on, eagerly: slower, not down
+                log.exception("decode_graphs_failed", captured=len(self._graphs.captured))
+                self.graph_error = f"{type(exc).__name__}: {exc}"
+                self._graphs = None
+            self._graph_warmup_s = time.perf_counter() - started
         image_cache = None
         if self.config.image_cache_bytes > 0:
             image_cache = ImageStateCache(self.config.image_cache_bytes)

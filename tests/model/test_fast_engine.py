@@ -357,6 +357,34 @@ def test_every_bucket_is_captured_at_start(loaded: tuple[Any, Any]) -> None:
         asyncio.run(engine.stop())
 
 
+def test_failed_graph_warmup_falls_back_to_eager_decode(loaded: tuple[Any, Any]) -> None:
+    """A decode step that cannot be compiled (or captured) at start: the engine logs it, says
+    why, and serves eagerly with the same tokens instead of failing to start."""
+
+    def refusing_compiler(graph: Any, example_inputs: Any) -> Any:
+        raise NotImplementedError("this compiler takes nothing")
+
+    torch._dynamo.reset()  # a fresh cache: the decode step really goes to this compiler
+    torch._dynamo.register_backend(refusing_compiler, name="test_refusing_compiler")
+    engine = make_engine(
+        loaded,
+        static_decode_on_cpu=True,
+        compile_decode=True,
+        compile_backend="test_refusing_compiler",
+    )
+    try:
+        assert engine.graphs is None and engine.batcher.graphs is None
+        assert (
+            engine.graph_error is not None and "this compiler takes nothing" in engine.graph_error
+        )
+        req = request(TEXTS[0], rid="fallback")
+        text, finished, _ = asyncio.run(run(engine, req))
+        assert finished.reason in ("stop", "length")
+        assert_matches_reference(engine, loaded, req, text)
+    finally:
+        asyncio.run(engine.stop())
+
+
 # -- stop strings, length, chunked prefill, cancellation, overload ------------------------------
 
 
