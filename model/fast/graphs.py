@@ -34,7 +34,7 @@ from model.fast.forward import DecodeInputs, FastForward, make_decode_inputs
 class _Captured:
     graph: torch.cuda.CUDAGraph | None  # None: not captured (`capture=False`), called instead
     inputs: DecodeInputs  # static buffers the graph reads
-    logits: torch.Tensor  # static buffer the graph writes
+    logits: torch.Tensor  # where the graph leaves its logits: rows of the shared buffer
 
 
 class DecodeGraphs:
@@ -78,6 +78,17 @@ class DecodeGraphs:
             )
         self._graphs: dict[tuple[int, int, int], _Captured] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
+        # Every graph copies its logits into the first rows of this one buffer (outside the
+        # pool), so no graph keeps an output alive in the shared pool: what a capture
+        # allocates is free again when it ends, and the next capture reuses it (at 64 slots,
+        # one logits tensor per graph would pin ~0.6 GB). Steps run one at a time, and the
+        # caller consumes the logits before the next step.
+        self._logits = torch.empty(
+            self.batch_sizes[-1],
+            forward.lm_head.out_features,
+            dtype=torch.float32,
+            device=forward.device,
+        )
         self.replays = 0
 
     def bucket(self, n: int, kv_len: int, vision_len: int) -> tuple[int, int, int]:
@@ -114,9 +125,10 @@ class DecodeGraphs:
         captured.inputs.ids.copy_(inputs.ids, non_blocking=True)
         self.replays += 1
         if captured.graph is None:
-            return self._call(captured.inputs)
-        captured.graph.replay()
-        # The buffer is overwritten by the next replay: the caller consumes it before that.
+            captured.logits.copy_(self._call(captured.inputs))
+        else:
+            captured.graph.replay()
+        # The buffer is overwritten by the next step: the caller consumes it before that.
         return captured.logits
 
     def _call(self, inputs: DecodeInputs) -> torch.Tensor:
@@ -131,8 +143,10 @@ class DecodeGraphs:
 
     def _capture(self, rows: int, kv_len: int, vision: int) -> _Captured:
         static = self._idle_inputs(rows, kv_len, vision)
+        out = self._logits[:rows]
         if not self.capture:
-            return _Captured(graph=None, inputs=static, logits=self._call(static))
+            out.copy_(self._call(static))  # compiles now, as a capture would
+            return _Captured(graph=None, inputs=static, logits=out)
         # Warm up on a side stream (cuBLAS handles, autotuning, compilation) before capture.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -144,5 +158,5 @@ class DecodeGraphs:
         # thread_local: the event loop thread may touch CUDA (e.g. a tokenizer-free health
         # check) while the worker captures; only this thread's work is captured.
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            logits = self._call(static)
-        return _Captured(graph=graph, inputs=static, logits=logits)
+            out.copy_(self._call(static))
+        return _Captured(graph=graph, inputs=static, logits=out)

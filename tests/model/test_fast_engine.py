@@ -738,8 +738,14 @@ def test_compiled_buckets_past_dynamos_recompile_limit(forward: FastForward) -> 
     assert errors == []
     assert graphs.captured == sorted(keys) and len(keys) > 8
     step = make_decode_inputs(forward.cache, {0: (3, 5)}, n=4, kv_len=64, vision_len=0)
+    other = make_decode_inputs(forward.cache, {0: (3, 5)}, n=1, kv_len=16, vision_len=0)
     with torch.inference_mode():
-        assert torch.allclose(graphs.run(step), forward.decode(step), atol=1e-5)
+        got = graphs.run(step)
+        assert torch.allclose(got, forward.decode(step), atol=1e-5)
+        # Every bucket leaves its logits in the first rows of one shared buffer.
+        again = graphs.run(other)
+        assert again.data_ptr() == got.data_ptr() and again.shape[0] == 1
+        assert torch.allclose(again, forward.decode(other), atol=1e-5)
 
 
 @torch.inference_mode()
