@@ -18,6 +18,10 @@ dimension is not a multiple of 16).
 
 Reference: transformers' own eager forward for one decode token over its dynamic cache (same
 model, same request), measured in the same process.
+
+Also measured: the continuous batcher's own host work per decode step (sampling, next inputs,
+detokenizing, events), outside the decode call, on the demo model: what a GPU step pays on
+top of its graph replay.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import collections
 import inspect
+import itertools
 import json
 import os
 import statistics
@@ -179,6 +184,54 @@ def measure_transformers(model: Any, processor: Any, repeats: int) -> dict[str, 
     return result
 
 
+def measure_batcher(tokens: int = 400) -> dict[str, float]:
+    """The continuous batcher's own host work per decode step (sampling, inputs, detokenizing,
+    events): the median step time minus the median time inside the decode call, for one
+    greedy stream on the demo model (through the graph path's static buffers)."""
+    import asyncio
+
+    from transformers import AutoProcessor, MllamaForConditionalGeneration
+
+    from model.demo_model import build_demo_model
+    from model.engine import ChatTurn, EngineRequest, SamplingParams, TextPart
+    from model.fast import FastEngineConfig, FastMllamaEngine
+
+    demo = build_demo_model(Path(tempfile.mkdtemp(prefix="ops-demo-")))
+    model = MllamaForConditionalGeneration.from_pretrained(demo).eval()
+    config = FastEngineConfig(max_len=1024, max_slots=4, static_decode_on_cpu=True)
+    engine = FastMllamaEngine.from_loaded(
+        model, AutoProcessor.from_pretrained(demo), model_id="ops", config=config
+    )
+    asyncio.run(engine.start())
+    graphs = engine.graphs
+    assert graphs is not None
+    inside: list[float] = []
+    run = graphs.run
+
+    def timed_run(inputs: Any) -> torch.Tensor:  # bench instrumentation, not a behaviour change
+        started = time.perf_counter()
+        out = run(inputs)
+        inside.append(time.perf_counter() - started)
+        return out
+
+    graphs.run = timed_run  # type: ignore[method-assign]
+    steps: list[float] = []
+    engine.batcher.on_step = lambda _: steps.append(time.perf_counter())
+    turn = ChatTurn("user", (TextPart("Hello there, how are you today?"),))
+    params = SamplingParams(max_tokens=tokens, temperature=0.0)
+    request = EngineRequest("ops", (turn,), params)
+
+    async def generate() -> None:
+        async for _ in engine.generate(request):
+            pass
+
+    asyncio.run(generate())
+    asyncio.run(engine.stop())
+    step = statistics.median(b - a for a, b in itertools.pairwise(steps[5:]))
+    decode = statistics.median(inside[5:])
+    return {"step ms": step * 1e3, "decode ms": decode * 1e3, "batcher ms": (step - decode) * 1e3}
+
+
 def measure(repeats: int, with_transformers: bool) -> dict[str, Any]:
     torch.set_num_threads(1)  # dispatch cost, not the tiny GEMMs' threading
     model, processor = build_model()
@@ -229,6 +282,12 @@ def main() -> int:
                     + " | ".join(cells)
                     + " |"
                 )
+    batcher = measure_batcher()
+    print(
+        f"\nBatcher's own work per decode step (1 greedy stream, demo model): "
+        f"{batcher['batcher ms']:.3f} ms (step {batcher['step ms']:.3f} ms, "
+        f"of which decode {batcher['decode ms']:.3f} ms)"
+    )
     print("\nfast, text, 1 row, by operation:", after["fast text n=1 by op"])
     if before:
         print("before, text, 1 row, by operation:", before["fast text n=1 by op"])
