@@ -621,7 +621,8 @@ def main() -> int:
         log(f"decode graphs FAILED at start, eager decode instead: {engine.graph_error}")
         report.failed.append("decode graphs at start")
     timings = Timings()
-    engine.batcher.on_finish = timings
+    if engine.ready():  # else each fast phase below fails on its own, and the rest still runs
+        engine.batcher.on_finish = timings
     capture_s = 0.0
     graphs = engine.graphs
     if graphs is not None:
@@ -651,7 +652,7 @@ def main() -> int:
             log("graph capture failed: the fast engine goes on with eager decode")
             engine.batcher.graphs = None
         capture_s = time.perf_counter() - start
-    graphs_used = engine.batcher.graphs is not None
+    graphs_used = engine.ready() and engine.batcher.graphs is not None
     log(f"fast engine: {engine.info.max_batch_size} slots, graphs={graphs_used}")
 
     async def fast_single(image: Image.Image | None, n: int, tag: str) -> dict[str, float]:
