@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoProcessor, MllamaForConditionalGeneration
 
 from model.fast.vision_attention import NAME, SplitPaddingAttention, vision_attention_without_mask
-
-
-@pytest.fixture(scope="module")
-def loaded(demo_model_dir: Path) -> tuple[Any, Any]:
-    processor = AutoProcessor.from_pretrained(demo_model_dir)
-    model = MllamaForConditionalGeneration.from_pretrained(demo_model_dir).eval()
-    return model, processor
 
 
 class AttentionMasks(TorchDispatchMode):
