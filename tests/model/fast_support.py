@@ -12,6 +12,7 @@ from PIL import Image
 
 from model.engine import (
     ChatTurn,
+    Engine,
     EngineEvent,
     EngineRequest,
     Finished,
@@ -67,7 +68,8 @@ def request(text: str, *images: Image.Image, rid: str = "r", **sampling: Any) ->
     return EngineRequest(rid, (ChatTurn("user", parts),), SamplingParams(**params))
 
 
-async def run(engine: FastMllamaEngine, req: EngineRequest) -> tuple[str, Finished, list[str]]:
+async def run(engine: Engine, req: EngineRequest) -> tuple[str, Finished, list[str]]:
+    """Collect a request's text deltas and its `Finished` event (any engine)."""
     deltas: list[str] = []
     async for event in engine.generate(req):
         if isinstance(event, TextDelta):

@@ -22,6 +22,7 @@ from model.engine import (
 )
 from model.local_engine import LocalMllamaEngine
 from model.prompt import render_prompt
+from tests.model.fast_support import run
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +48,6 @@ def request(
         parts = (ImagePart(img), TextPart(text))
     params = {"max_tokens": 12, "temperature": 0.0, **sampling}
     return EngineRequest(rid, (ChatTurn("user", parts),), SamplingParams(**params))
-
-
-async def run(engine: LocalMllamaEngine, req: EngineRequest) -> tuple[str, Finished, list[str]]:
-    deltas: list[str] = []
-    async for event in engine.generate(req):
-        if isinstance(event, TextDelta):
-            deltas.append(event.text)
-        else:
-            return "".join(deltas), event, deltas
-    raise AssertionError("no Finished event")
 
 
 def reference(engine: LocalMllamaEngine, req: EngineRequest) -> tuple[str, int, int]:
