@@ -182,9 +182,9 @@ def main() -> int:
         engine.batcher.on_finish = timings
     capture_s = 0.0
     graphs = engine.graphs
-    if graphs is not None:
-        # Every bucket the runs below can reach, captured before any timing: the longest
-        # context is the longest prompt plus the most new tokens.
+    if graphs is not None and not config.graph_warmup:
+        # Compiled, so not every bucket was captured at start: every bucket the runs below can
+        # reach, before any timing (the longest context: longest prompt + most new tokens).
         prompts = [engine_request(None, 1, "n"), engine_request(test_image(tiny), 1, "n")]
         longest = max(engine.count_prompt_tokens(r) for r in prompts) + max(
             text_tokens, image_tokens, stream_tokens
