@@ -20,8 +20,9 @@ from urllib.parse import urlsplit
 
 import httptools
 
-# Body bytes held for a reader before the connection stops reading from the socket.
-_HIGH_WATER = 256 * 1024
+# Body bytes held for a reader before the connection stops reading from the socket (the
+# promise to a slow reader: at most this plus one socket read is held in memory).
+BODY_HIGH_WATER = 256 * 1024
 
 
 class HTTPError(Exception):
@@ -71,7 +72,7 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self.error = ConnectionFailed(f"invalid HTTP from the server: {exc}")
             self.close()
-        if self.buffered > _HIGH_WATER and self.transport is not None:
+        if self.buffered > BODY_HIGH_WATER and self.transport is not None:
             # A slow reader (its client is slow): let TCP push back on the server.
             self.transport.pause_reading()
         self._wake()
@@ -169,10 +170,15 @@ class Response:
         else:
             data = b"".join(conn.body)
             conn.body.clear()
-        if conn.buffered > _HIGH_WATER and conn.transport is not None:
+        if conn.buffered > BODY_HIGH_WATER and conn.transport is not None:
             conn.transport.resume_reading()
         conn.buffered = 0
         return data
+
+    @property
+    def buffered(self) -> int:
+        """Body bytes received and not read yet."""
+        return self._conn.buffered
 
     @property
     def ended(self) -> bool:
@@ -198,13 +204,18 @@ class ConnectionPool:
         connect_timeout: float,
         pool_timeout: float,
         read_timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """`ssl_context`: for an https origin (default: the system's trust store, which
+        `SSL_CERT_FILE` / `SSL_CERT_DIR` replace, e.g. with a private CA)."""
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
         self.host = parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        self._ssl: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            self._ssl = ssl_context or ssl.create_default_context()
         self._slots = asyncio.Semaphore(size)
         self._idle: list[_Connection] = []
         self._connect_timeout = connect_timeout
