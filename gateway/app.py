@@ -38,7 +38,7 @@ from gateway.redis_conn import RedisConnection, RedisMetrics
 from gateway.routes import CHAT_PATH, ChatCompletions, router
 from gateway.settings import Settings
 from model.engine import Engine, EngineOverloaded
-from model.upstream import UpstreamError
+from model.openai_wire import UpstreamError
 
 log = structlog.get_logger(__name__)
 

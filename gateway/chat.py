@@ -32,7 +32,7 @@ from model.engine import (
     TextDelta,
     TextPart,
 )
-from model.upstream import UpstreamError
+from model.openai_wire import UpstreamError
 
 log = structlog.get_logger(__name__)
 

@@ -26,7 +26,7 @@ from gateway.routes_file import (
     load_routes_file,
 )
 from model.engine import Engine
-from model.upstream import UpstreamError
+from model.openai_wire import UpstreamError
 
 LocalEngineFactory = Callable[[Any], Engine]
 

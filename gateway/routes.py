@@ -23,8 +23,7 @@ from gateway.ratelimit import Admission, RateLimiter
 from gateway.settings import Settings
 from gateway.streaming import ChatStream
 from model.engine import EngineOverloaded
-from model.openai_wire import json_bytes
-from model.upstream import UpstreamError
+from model.openai_wire import UpstreamError, json_bytes
 
 T = TypeVar("T")
 

@@ -16,9 +16,9 @@ may switch on the optional keys:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-Severity = Literal["safe", "low", "medium", "high"]
+from guards.base import Severity
 
 SEVERITY_CATEGORIES = ("hate", "self_harm", "sexual", "violence")
 DETECTION_CATEGORIES = ("jailbreak", "profanity")

@@ -3,7 +3,7 @@
 - Requests: engine requests become OpenAI bodies (images re-encoded as PNG data URLs; sampling
   parameters as body fields).
 - Answers: incremental SSE parsing, upstream finish reasons mapped to ours, usage taken over.
-- Errors: `UpstreamError` and its 502/503/504 subclasses (public through `model.upstream`).
+- Errors: `UpstreamError` and its 502/503/504 subclasses (both engines raise them).
 - Retries: `with_retries` retries retryable errors only while no delta has been sent.
 - Token counts: exact with a local tokenizer's chat template, else the estimate
   ceil(characters of all text parts / 4) + 1 per image (each image is its one `<|image|>`

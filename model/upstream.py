@@ -10,7 +10,8 @@ JSON answer to parse instead of an event per token, and the upstream writes it o
 silent until it is whole, so `read_timeout_s` (the longest silence) does not apply to it; the
 total timeout does.
 
-Errors: before the first delta, `generate` raises an `UpstreamError` subclass (502 bad answer,
+Errors: before the first delta, `generate` raises an `UpstreamError` subclass (defined with the
+wire format in `model.openai_wire`, shared with the litellm engine: 502 bad answer,
 503 unavailable, 504 timeout) after retrying what is safe to retry; after the first delta it
 ends with `Finished("error", ...)` carrying the message (the client already has text, so a
 retry would duplicate it).
@@ -50,17 +51,6 @@ from model.openai_wire import (
     whole_answer,
     with_retries,
 )
-
-# The errors are defined with the wire format (shared with the litellm engine); this module is
-# their public home: `from model.upstream import UpstreamError, ...`.
-__all__ = [
-    "OpenAIUpstreamEngine",
-    "UpstreamBadResponse",
-    "UpstreamConfig",
-    "UpstreamError",
-    "UpstreamTimeout",
-    "UpstreamUnavailable",
-]
 
 _MAX_ERROR_BODY = 64 * 1024
 _MAX_JSON_BODY = 16 * 1024 * 1024

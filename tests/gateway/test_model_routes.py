@@ -23,13 +23,8 @@ from gateway.routes_file import (
 from gateway.settings import Settings
 from model.engine import EngineEvent, EngineInfo, EngineRequest, Finished
 from model.litellm_engine import LiteLLMEngine
-from model.upstream import (
-    OpenAIUpstreamEngine,
-    UpstreamBadResponse,
-    UpstreamConfig,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-)
+from model.openai_wire import UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
+from model.upstream import OpenAIUpstreamEngine, UpstreamConfig
 from tests.conftest import REDIS_URL, TEST_API_KEY, LiveServer, wait_until_ready
 from tests.model.test_upstream import WORDS, MockServer
 

@@ -31,14 +31,14 @@ from model.engine import (
     TextDelta,
     TextPart,
 )
-from model.openai_wire import SSEParser, estimate_prompt_tokens
-from model.upstream import (
-    OpenAIUpstreamEngine,
+from model.openai_wire import (
+    SSEParser,
     UpstreamBadResponse,
-    UpstreamConfig,
     UpstreamTimeout,
     UpstreamUnavailable,
+    estimate_prompt_tokens,
 )
+from model.upstream import OpenAIUpstreamEngine, UpstreamConfig
 
 WORDS = ["Hel", "lo", " world"]
 Send = Any
