@@ -108,7 +108,7 @@ def exception_response(exc: BaseException) -> Response:
 class GatewayApp(FastAPI):
     """FastAPI, except that `POST /v1/chat/completions` goes straight to its raw ASGI endpoint
     (wrapped in the same request-context middleware) before FastAPI's middleware stack and
-    routing: those cost ~30% of a guards-off request's CPU (bench/NOTES.md). The endpoint is
+    routing: a large share of a guards-off request's CPU (bench/NOTES.md). The endpoint is
     also a route of the app, so the path still gets 405 for other methods, and a request that
     does not match the fast path exactly (a root path) is still served."""
 
@@ -178,10 +178,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         if settings.demo_mode and not settings.bootstrap_key:
             demo_key = await ensure_demo_key(key_store, settings)
             print(demo_banner(settings, demo_key), file=sys.stderr)
-        # What start-up built (torch, transformers, the guards: ~200k objects) lives as long as
-        # the process: take it out of the cyclic collector's sight. Otherwise each full
-        # collection walks all of it, 60-130 ms on 2 cores every few thousand requests, a
-        # stall for every request in flight (p99, Redis deadlines missed).
+        # What start-up built (torch, transformers, the guards: hundreds of thousands of
+        # objects) lives as long as the process: take it out of the cyclic collector's sight.
+        # Otherwise every few thousand requests a full collection walks all of it, a stall for
+        # every request in flight (p99, Redis deadlines missed; bench/NOTES.md).
         gc.collect()
         gc.freeze()
         try:

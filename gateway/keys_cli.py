@@ -31,7 +31,7 @@ app = typer.Typer(help="Manage API keys (stored in the gateway's Redis).", no_ar
 def _run(operation: Callable[[KeyStore], Awaitable[T]]) -> T:
     async def main() -> T:
         settings = Settings()
-        # A CLI may talk to a remote Redis over TLS: allow more than the request path's 200 ms.
+        # A CLI may talk to a remote Redis over TLS: allow more than the request path's deadline.
         conn = await RedisConnection.open(
             settings, connect_timeout_s=5.0, socket_timeout_s=5.0, deadline_s=10.0
         )

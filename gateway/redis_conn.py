@@ -1,9 +1,12 @@
 """Redis connection layer: client factory, embedded server, key names, health and metrics.
 
-Every request-path Redis call goes through a client built by `make_client`: short socket
-timeouts, at most one immediate reconnect, and an overall deadline (`with_deadline`), so a
-request never hangs on Redis. Key names put the API key id in a hash tag
-(`gw:{<key_id>}:rq`) so that all keys one Lua script touches live in one Redis Cluster slot.
+The gateway's Redis clients are built by `make_client`: short socket timeouts and at most one
+immediate reconnect. A request never waits on Redis longer than `redis_deadline_s`: the key
+store awaits redis-py under `with_deadline`, and the rate-limit scripts run on a pipelined
+connection of their own (`gateway.redis_scripts`, opened with this client's settings) whose
+calls each carry their deadline as a timer (the settle after the answer has a longer one: the
+client no longer waits for it). Key names put the API key id in a hash tag (`gw:{<key_id>}:rq`)
+so that all keys one Lua script touches live in one Redis Cluster slot.
 """
 
 from __future__ import annotations
@@ -72,10 +75,11 @@ def make_client(
 ) -> aioredis.Redis:
     """An asyncio client for `redis://`, `rediss://` (TLS) or `unix://` URLs.
 
-    redis-py's default retry (3 tries, exponential backoff up to seconds) would blow the 250 ms
-    budget, so: one immediate retry, and only on connection errors: a stale pooled connection
-    after a Redis restart then reconnects transparently, while a read timeout is never retried
-    (the script may have run; retrying could count one request twice).
+    redis-py's default retry (3 tries, exponential backoff up to seconds) would outlast the
+    request path's deadline (`redis_deadline_s`), so: one immediate retry, and only on
+    connection errors: a stale pooled connection after a Redis restart then reconnects
+    transparently, while a read timeout is never retried (the script may have run; retrying
+    could count one request twice).
     """
     return aioredis.Redis.from_url(
         url,

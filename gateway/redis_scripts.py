@@ -2,8 +2,9 @@
 
 Every request makes two Redis calls (admit, settle), so their client cost is a large part of
 a guards-off request: with redis-py's `Connection` (one call at a time per connection, asyncio
-streams, one socket write per call) Redis was ~24% of the gateway's CPU under load (py-spy,
-bench/gateway_overhead). Here, as in ioredis' auto-pipelining:
+streams, one socket write per call) Redis was a large share of the gateway's CPU under load
+(py-spy, bench/gateway_overhead; figures in bench/NOTES.md). Here, as in ioredis'
+auto-pipelining:
 
 - all calls share one connection: the calls made in one event-loop iteration leave in one
   socket write, and the replies are matched to them in order (FIFO), each read feeding

@@ -43,9 +43,9 @@ class ChatCompletions:
 
     It is the gateway's hot path, and FastAPI's per-request work (middleware stack, routing,
     dependency solving, cookie parsing, response classes, an anyio task group per stream) was
-    ~30% of a guards-off request's CPU. Headers, status codes and bodies are what the FastAPI
-    route sent; every error still becomes its response through `exception_response` (the
-    envelope from `gateway.app.error_response`, one place).
+    a large share of a guards-off request's CPU (bench/NOTES.md). Headers, status codes and
+    bodies are what the FastAPI route sent; every error still becomes its response through
+    `exception_response` (the envelope from `gateway.app.error_response`, one place).
     """
 
     def __init__(self, exception_response: Callable[[BaseException], Response]) -> None:
@@ -198,7 +198,8 @@ async def _unless_disconnected(work: Coroutine[Any, Any, T], receive: Receive) -
     client gave up must not keep the model busy, nor its concurrency slot.
 
     `work` runs in this task; one watcher task cancels it when the client leaves. (A task for
-    `work` as well, and `asyncio.wait` over both, cost ~80 us per request on the hot path.)"""
+    `work` as well, and `asyncio.wait` over both, cost several times more per request on the
+    hot path: bench/NOTES.md.)"""
     current = asyncio.current_task()
     assert current is not None
     client_left = False

@@ -38,7 +38,8 @@ MILD_WORDS = (
     "bugger", "arse", "wtf", "stfu",
 )  # fmt: skip
 
-# Texts up to this size are checked on the event loop (~0.45 ms at most), longer ones in a thread.
+# Texts up to this size are checked on the event loop (cheaper than a thread hop; bench/NOTES.md),
+# longer ones in a thread.
 INLINE_MAX_CHARS = 1024
 _CHUNK_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
 MAX_CHUNKS = 256
@@ -101,10 +102,10 @@ class ProfanityGuard:
     async def check(self, items: Sequence[GuardInput]) -> list[GuardVerdict]:
         texts = [item.text_to_check() for item in items]
         if self._classifier is not None and sum(map(len, texts)) <= INLINE_MAX_CHARS:
-            # ~60 us for a short prompt: less than the hop to a thread and back.
+            # A short prompt costs less than the hop to a thread and back.
             return self.check_texts(texts)
-        # Loading the classifier (a second) or a long text (~0.4 ms per 1,000 characters):
-        # keep the event loop free.
+        # Loading the classifier, or a long text (the cost grows with the length): keep the
+        # event loop free.
         return await asyncio.to_thread(self.check_texts, texts)
 
     def check_texts(self, texts: list[str]) -> list[GuardVerdict]:

@@ -1,9 +1,9 @@
 """The packaged `alt-profanity-check` model, computed without scikit-learn's per-call overhead.
 
 The package's `predict_prob` is a `TfidfVectorizer` and a `CalibratedClassifierCV` (five
-`LinearSVC`s, each with a sigmoid calibrator, averaged). For one short text it cost ~3.1 ms on
-this project's machine, ~97% of it scikit-learn's input validation (about a dozen
-`check_array` passes, each probing for dataframe libraries), whatever the batch size; the guard
+`LinearSVC`s, each with a sigmoid calibrator, averaged). For one short text it cost
+milliseconds, nearly all of it scikit-learn's input validation (about a dozen `check_array`
+passes, each probing for dataframe libraries), whatever the batch size (bench/NOTES.md); the guard
 calls it on every input and every output, and it was most of a guarded request's CPU.
 
 `LinearProfanityModel` reads the fitted parameters (the vocabulary and idf weights, each

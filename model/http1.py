@@ -1,11 +1,13 @@
 """A small pooled HTTP/1.1 client for the upstream engine's one call: POST, then read the body.
 
-Why not aiohttp: on this project's 2-core machine an aiohttp streamed call cost 0.25-0.34 ms of
-CPU, ~40% of a guards-off gateway request (bench/gateway_overhead/client_micro.py); this client
-(an asyncio protocol + httptools, the parser uvicorn uses) does the same call for a fraction of
-that. It does only what the upstream engine needs: keep-alive connections pooled per origin,
-http and https, a connect timeout, chunked and length-delimited bodies decoded as they arrive,
-and a connection that is closed (never reused) unless its response was read to its end.
+Why not aiohttp: its streamed call was a large part of a guards-off gateway request's CPU; this
+client (an asyncio protocol + httptools, the parser uvicorn uses) does the same call for less
+(bench/gateway_overhead/client_micro.py; figures in bench/NOTES.md). It does only what the
+upstream engine needs: keep-alive connections pooled per origin, http and https (trusting the
+system's store, or the `ssl_context` given), a connect timeout, chunked and length-delimited
+bodies decoded as they arrive, a reader that does not read holding back the socket (at most
+`BODY_HIGH_WATER` bytes buffered), and a connection that is closed (never reused) unless its
+response was read to its end.
 
 Errors are `HTTPError` subclasses: `ConnectTimeout` (nothing was sent), `ReadTimeout`, and
 `ConnectionFailed` (refused, reset, closed early, or not HTTP).

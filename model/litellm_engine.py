@@ -3,8 +3,8 @@
 Same contract as `model.upstream.OpenAIUpstreamEngine` (the same errors before the first delta,
 `Finished("error")` after it, retries only before the first delta, the same token counting),
 but the request goes through litellm, so any provider it knows (Bedrock, Vertex, Azure,
-Anthropic, ...) can sit behind a route. It costs ~9 ms of CPU per call against ~1.5 ms for the
-pooled httpx path (measured here), so OpenAI-compatible upstreams should use `upstream` routes.
+Anthropic, ...) can sit behind a route. It costs several times the CPU per call of the
+`upstream` engine (bench/NOTES.md), so OpenAI-compatible upstreams should use `upstream` routes.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ class LiteLLMEngine:
             **sampling_fields(request),
             **cfg.kwargs,
         }
-        # Traceable end to end, as on the httpx path (the engine gateway echoes it).
+        # Traceable end to end, as on the `upstream` path (the engine gateway echoes it).
         call["extra_headers"] = {
             **call.get("extra_headers", {}),
             "x-request-id": request.request_id,

@@ -60,7 +60,7 @@ _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"}
 
 
 def json_bytes(obj: Any) -> bytes:
-    """Compact JSON as UTF-8 bytes, with orjson (5-10x faster than json.dumps on the hot path:
+    """Compact JSON as UTF-8 bytes, with orjson (faster than json.dumps on the hot path:
     request bodies, responses, every SSE chunk). Falls back to json for what orjson refuses
     (integers beyond 64 bits, non-string keys), so any value json accepted still encodes."""
     try:
@@ -97,7 +97,8 @@ def estimate_prompt_tokens(turns: tuple[ChatTurn, ...]) -> int:
 
 def png_data_url(image: Image) -> str:
     """Re-encode a decoded image losslessly; compress_level=1 because CPU matters more here
-    than bytes on a data-centre link (level 6 is ~5x slower for ~20% smaller files)."""
+    than bytes on a data-centre link (the default level costs several times the CPU for files
+    only somewhat smaller; bench/NOTES.md)."""
     if image.mode not in _PNG_MODES:
         image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
     buf = io.BytesIO()

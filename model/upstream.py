@@ -87,10 +87,10 @@ class UpstreamConfig:
 class OpenAIUpstreamEngine:
     """`Engine` over an OpenAI-compatible `/chat/completions` (vLLM, TGI, this gateway, ...).
 
-    The client is `model.http1` (an asyncio protocol with httptools), not httpx or aiohttp: on
-    this project's 2-core machine a pooled httpx streamed call cost 1.1-3.1 ms of CPU, aiohttp
-    0.2-0.4 ms, and this one about two thirds of aiohttp's; the upstream call was the largest
-    part of a guards-off gateway request (bench/gateway_overhead/client_micro.py)."""
+    The client is `model.http1` (an asyncio protocol with httptools), not httpx or aiohttp: it
+    costs the least CPU per streamed call of the three, and the upstream call was the largest
+    part of a guards-off gateway request (bench/gateway_overhead/client_micro.py; figures in
+    bench/NOTES.md)."""
 
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
@@ -232,8 +232,8 @@ class OpenAIUpstreamEngine:
 
 async def _drain(response: Response, deadline: float) -> None:
     """Read the end of the body after [DONE] (the chunked terminator, usually already here) so
-    that the connection can go back to the pool: a new TCP connection per request cost ~15% of
-    the gateway's CPU under load (py-spy)."""
+    that the connection can go back to the pool: a new TCP connection per request was a large
+    share of the gateway's CPU under load (py-spy; bench/NOTES.md)."""
     until = min(deadline, asyncio.get_running_loop().time() + _DRAIN_S)
     left = _DRAIN_BYTES
     with contextlib.suppress(TimeoutError, HTTPError):

@@ -5,8 +5,9 @@ rows, static input buffers) also runs on the CPU with `capture=False`, where eac
 plain call on the static buffers; the tests run the engine that way
 (`FastEngineConfig.static_decode_on_cpu`).
 
-At batch 1 an 11B decode step is ~550 kernels (`bench/engine_ops.py`), and launching them from
-Python costs more than running them. A graph per shape bucket replays them in one launch.
+At batch 1 an 11B decode step is hundreds of kernels (`bench/engine_ops.py`; counts in
+bench/NOTES.md), and launching them from Python costs more than running them. A graph per shape
+bucket replays them in one launch.
 Shapes are bucketed so a handful of graphs cover all steps: rows `n` round up to
 `graph_batch_sizes` (extra rows are idle: they write to the scratch column and are discarded),
 `kv_len` to a power of two (at least `graph_min_kv_len`, at most `max_len`), and the vision

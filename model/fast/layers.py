@@ -2,7 +2,7 @@
 
 At batch 1 a decode step is bound by reading the weights once, and by how many kernels it
 launches (each costs a few microseconds even inside a CUDA graph). transformers' Mllama text
-layer, run op by op, is ~40 kernels per layer (RMSNorm alone is 7: upcast, pow, mean, add,
+layer, run op by op, is dozens of kernels per layer (RMSNorm alone is 7: upcast, pow, mean, add,
 rsqrt, mul, downcast + weight), and its K and V projections are 8 MB GEMVs too small to reach
 the memory bandwidth. Here:
 
