@@ -15,19 +15,24 @@ from PIL import Image
 from tests.conftest import AUTH, TEST_API_KEY
 
 MODEL = "meta-llama/llama-3.2-11b-vision-instruct"
+# The default policy without Llama Guard weights: nobody judges the harm categories (the seed's
+# `{"filtered": false}`, no claimed severity); jailbreak is judged on the prompt only.
 SAFE_RESULTS = {
-    "hate": {"filtered": False, "severity": "safe"},
-    "self_harm": {"filtered": False, "severity": "safe"},
-    "sexual": {"filtered": False, "severity": "safe"},
-    "violence": {"filtered": False, "severity": "safe"},
+    "hate": {"filtered": False},
+    "self_harm": {"filtered": False},
+    "sexual": {"filtered": False},
+    "violence": {"filtered": False},
     "jailbreak": {"filtered": False, "detected": False},
     "profanity": {"filtered": False, "detected": False},
 }
 
 
-def assert_safe(results: dict[str, Any]) -> None:
+def assert_safe(results: dict[str, Any], stage: str = "output") -> None:
     """The contract's keys with safe values; any extra key (blocklists...) is not filtered."""
-    assert {k: results[k] for k in SAFE_RESULTS} == SAFE_RESULTS
+    expected = dict(SAFE_RESULTS)
+    if stage == "output":
+        expected["jailbreak"] = {"filtered": False}
+    assert {k: results[k] for k in expected} == expected
     assert all(v.get("filtered") is False for v in results.values())
 
 
@@ -62,7 +67,7 @@ def test_non_streaming_text(client: openai.OpenAI) -> None:
     assert_safe(raw["choices"][0]["content_filter_results"])
     [prompt_results] = raw["prompt_filter_results"]
     assert prompt_results["prompt_index"] == 0
-    assert_safe(prompt_results["content_filter_results"])
+    assert_safe(prompt_results["content_filter_results"], "input")
 
 
 def test_alias_model_name_answers_with_canonical_id(client: openai.OpenAI) -> None:
@@ -138,7 +143,7 @@ def test_streaming_with_usage(client: openai.OpenAI) -> None:
     with_choices = [c for c in chunks if c.choices]
     assert with_choices[0].choices[0].delta.role == "assistant"
     first = with_choices[0].model_dump()
-    assert_safe(first["prompt_filter_results"][0]["content_filter_results"])
+    assert_safe(first["prompt_filter_results"][0]["content_filter_results"], "input")
     assert len({c.id for c in chunks}) == 1
     for chunk in with_choices:
         assert_safe(chunk.model_dump()["choices"][0]["content_filter_results"])
