@@ -57,7 +57,10 @@ class PreparedChat:
     prompt_tokens: int
     max_tokens: int
     started: float
+    # Vision tokens of the request's images, and how many `<|image|>` placeholders the text
+    # count has (each image is counted as its vision tokens instead of its placeholder).
     image_tokens: int = 0
+    image_placeholders: int = 0
     # Completion tokens known so far (exact for finished choices, one per delta otherwise):
     # what the rate limiter is settled with if the client leaves early.
     completion_tokens: int = 0
@@ -67,6 +70,10 @@ class PreparedChat:
         if self.input_decision is None:
             return self.pipeline.safe_decision("input").prompt_filter_results()
         return self.input_decision.prompt_filter_results()
+
+    def with_images(self, text_tokens: int) -> int:
+        """Prompt tokens for usage and TPM: the text's, each image as its vision tokens."""
+        return text_tokens - self.image_placeholders + self.image_tokens
 
     @property
     def reserved_completion_tokens(self) -> int:
@@ -158,10 +165,11 @@ class ChatService:
             turns=turns,
             policy=policy,
             pipeline=self._guards.pipeline(policy),
-            prompt_tokens=prompt_tokens + image_tokens,
+            prompt_tokens=prompt_tokens - len(probe.images) + image_tokens,
             max_tokens=max_tokens,
             started=started,
             image_tokens=image_tokens,
+            image_placeholders=len(probe.images),
         )
 
     def image_tokens(self, engine: Engine, images: list[Any]) -> int:
@@ -260,7 +268,7 @@ class ChatService:
                     "content_filter_results": decision.content_filter_results(),
                 }
             )
-        prompt_tokens = outcomes[0][1].prompt_tokens + chat.image_tokens
+        prompt_tokens = chat.with_images(outcomes[0][1].prompt_tokens)
         chat.prompt_tokens, chat.completion_tokens = prompt_tokens, completion_tokens
         self.count_tokens(prompt_tokens, completion_tokens)
         return {

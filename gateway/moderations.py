@@ -211,7 +211,7 @@ class ModerationService:
             return -(-chars // 4) + image_tokens
         probes = [EngineRequest("moderation", (t,), SamplingParams(max_tokens=1)) for t in turns]
         text = await asyncio.to_thread(lambda: sum(engine.count_prompt_tokens(p) for p in probes))
-        return int(text) + image_tokens
+        return int(text) - len(images) + image_tokens  # an image's placeholder -> its tokens
 
     async def moderate(self, policy: Policy, turns: list[ChatTurn]) -> list[dict[str, Any]]:
         pipeline = self._guards.pipeline(policy)
