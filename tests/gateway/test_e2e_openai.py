@@ -111,7 +111,11 @@ def test_image_request_usage_counts_real_tokens(client: openai.OpenAI, gateway_s
     ids = processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     assert processor.tokenizer.convert_tokens_to_ids("<|image|>") in ids
     assert with_image.usage is not None
-    assert with_image.usage.prompt_tokens == len(ids)
+    # The image counts as its vision tokens (2 tiles of 17 in the demo model) instead of its
+    # one <|image|> placeholder (the contract since issue 14).
+    details = with_image.usage.prompt_tokens_details
+    assert details is not None and details.image_tokens == 2 * 17 and details.cached_tokens == 0
+    assert with_image.usage.prompt_tokens == len(ids) - 1 + details.image_tokens
 
 
 def test_n_choices(client: openai.OpenAI) -> None:
