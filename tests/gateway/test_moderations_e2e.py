@@ -278,3 +278,46 @@ def test_image_tokens_in_usage_and_tpm(server: LiveServer) -> None:
     assert refused.json()["error"]["type"] == "tokens"
     # What is left still takes the same request without its image.
     assert _chat(server, key, image=False).status_code == 200
+
+
+def test_moderation_counts_against_the_key_limits(server: LiveServer) -> None:
+    key = new_key(server, rpm=100, tpm=100_000)
+    response = httpx.post(
+        server.base_url + "/v1/moderations",
+        json={"input": ["one text", "another text"]},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    assert response.status_code == 200
+    assert response.headers["x-ratelimit-remaining-requests"] == "99"
+    assert int(response.headers["x-ratelimit-remaining-tokens"]) < 100_000
+    tiny = new_key(server, tpm=5)  # the inputs' tokens can never fit: 429 at once
+    refused = httpx.post(
+        server.base_url + "/v1/moderations",
+        json={"input": "a text that is longer than five tokens for sure"},
+        headers={"Authorization": f"Bearer {tiny}"},
+    )
+    assert refused.status_code == 429 and refused.json()["error"]["type"] == "tokens"
+
+
+async def test_start_up_log_names_what_cannot_be_judged(policy_dir: Path) -> None:
+    import structlog
+    from prometheus_client import CollectorRegistry
+
+    from gateway.moderation import GuardServices
+    from guards.pipeline import GuardPipelines
+    from guards.policy_store import PolicyStore
+    from guards.registry import build_guards
+
+    store = PolicyStore(policy_dir)
+    await store.start()
+    try:
+        guards = build_guards()
+        services = GuardServices(store, GuardPipelines(guards, CollectorRegistry()), guards)
+        with structlog.testing.capture_logs() as logs:
+            services.log_coverage()
+        lines = [e for e in logs if e["event"] == "categories_not_judged"]
+        default = next(e for e in lines if e["policy"] == "default")
+        assert "GATEWAY_LLAMA_GUARD_PATH" in default["categories"]["hate"]
+        assert "profanity" not in default["categories"]
+    finally:
+        await store.stop()
