@@ -33,6 +33,8 @@ from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestContextMiddleware
 from gateway.model_routes import ModelRouter
 from gateway.moderation import GuardServices
+from gateway.moderations import ModerationService
+from gateway.moderations import router as moderations_router
 from gateway.ratelimit import RateLimiter
 from gateway.redis_conn import RedisConnection, RedisMetrics
 from gateway.routes import CHAT_PATH, ChatCompletions, router
@@ -175,6 +177,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         ).hexdigest()
         state.chat = ChatService(settings, router, images, metrics, f"fp_{digest[:10]}", guards)
         state.policy_exists = guards.store.__contains__
+        state.moderations = ModerationService(settings, guards, images, router.routes[0].engine)
         if settings.demo_mode and not settings.bootstrap_key:
             demo_key = await ensure_demo_key(key_store, settings)
             print(demo_banner(settings, demo_key), file=sys.stderr)
@@ -219,6 +222,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.fast_routes = {CHAT_PATH: RequestContextMiddleware(chat, metrics=metrics)}
     app.include_router(router)
     app.include_router(admin.router)
+    app.include_router(moderations_router)
     return app
 
 

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import structlog
 
 from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, ServiceUnavailable
+from gateway.image_tokens import ImageTokenCounter
 from gateway.images import ImageLoader
 from gateway.metrics import GatewayMetrics
 from gateway.model_routes import ModelRouter, gateway_error
@@ -52,9 +53,14 @@ class PreparedChat:
     turns: tuple[ChatTurn, ...]
     policy: Policy
     pipeline: GuardPipeline
+    # Text tokens plus `image_tokens` (what usage reports and TPM reserves).
     prompt_tokens: int
     max_tokens: int
     started: float
+    # Vision tokens of the request's images, and how many `<|image|>` placeholders the text
+    # count has (each image is counted as its vision tokens instead of its placeholder).
+    image_tokens: int = 0
+    image_placeholders: int = 0
     # Completion tokens known so far (exact for finished choices, one per delta otherwise):
     # what the rate limiter is settled with if the client leaves early.
     completion_tokens: int = 0
@@ -64,6 +70,10 @@ class PreparedChat:
         if self.input_decision is None:
             return self.pipeline.safe_decision("input").prompt_filter_results()
         return self.input_decision.prompt_filter_results()
+
+    def with_images(self, text_tokens: int) -> int:
+        """Prompt tokens for usage and TPM: the text's, each image as its vision tokens."""
+        return text_tokens - self.image_placeholders + self.image_tokens
 
     @property
     def reserved_completion_tokens(self) -> int:
@@ -98,6 +108,7 @@ class ChatService:
         self._images = images
         self._metrics = metrics
         self.system_fingerprint = system_fingerprint
+        self._image_counters: dict[int, ImageTokenCounter] = {}
 
     # -- intake ----------------------------------------------------------------------------
     async def prepare(
@@ -131,7 +142,9 @@ class ChatService:
             prompt_tokens = engine.count_prompt_tokens(probe)
         else:  # tokenizing a long prompt must not block the event loop
             prompt_tokens = await asyncio.to_thread(engine.count_prompt_tokens, probe)
+        # The context check is on the text sequence: images go to cross-attention.
         max_tokens = self._max_tokens(request, prompt_tokens, engine.info.context_length)
+        image_tokens = self.image_tokens(engine, probe.images)
         completion_id = f"chat-{secrets.token_hex(16)}"
         engine_requests = [
             EngineRequest(
@@ -152,10 +165,21 @@ class ChatService:
             turns=turns,
             policy=policy,
             pipeline=self._guards.pipeline(policy),
-            prompt_tokens=prompt_tokens,
+            prompt_tokens=prompt_tokens - len(probe.images) + image_tokens,
             max_tokens=max_tokens,
             started=started,
+            image_tokens=image_tokens,
+            image_placeholders=len(probe.images),
         )
+
+    def image_tokens(self, engine: Engine, images: list[Any]) -> int:
+        """Vision tokens of `images` for this engine (see gateway.image_tokens)."""
+        if not images:
+            return 0
+        counter = self._image_counters.get(id(engine))
+        if counter is None:
+            counter = self._image_counters[id(engine)] = ImageTokenCounter.from_engine(engine)
+        return counter.count(images)
 
     def _check_counts(self, request: ChatCompletionRequest) -> None:
         limit = self._settings.max_messages
@@ -244,7 +268,7 @@ class ChatService:
                     "content_filter_results": decision.content_filter_results(),
                 }
             )
-        prompt_tokens = outcomes[0][1].prompt_tokens
+        prompt_tokens = chat.with_images(outcomes[0][1].prompt_tokens)
         chat.prompt_tokens, chat.completion_tokens = prompt_tokens, completion_tokens
         self.count_tokens(prompt_tokens, completion_tokens)
         return {
@@ -254,7 +278,7 @@ class ChatService:
             "model": chat.model_id,
             "choices": choices,
             "prompt_filter_results": chat.prompt_filter_results(),
-            "usage": usage_body(prompt_tokens, completion_tokens),
+            "usage": usage_body(prompt_tokens, completion_tokens, chat.image_tokens),
             "system_fingerprint": self.system_fingerprint,
         }
 
@@ -322,12 +346,13 @@ def checked_finish(event: Finished) -> Finished:
     return event
 
 
-def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def usage_body(prompt_tokens: int, completion_tokens: int, image_tokens: int = 0) -> dict[str, Any]:
+    """`prompt_tokens` includes `image_tokens` (also reported on their own)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": None,
+        "prompt_tokens_details": {"cached_tokens": 0, "image_tokens": image_tokens},
         "completion_tokens_details": None,
     }
 

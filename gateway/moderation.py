@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from gateway.errors import GatewayError, ServiceUnavailable
 from gateway.settings import Settings
 from guards.base import Guard
+from guards.coverage import GUARD_SETTING, cannot_judge, hint, missing_required
 from guards.pipeline import GuardPipeline, GuardPipelines
 from guards.policy import Policy
 from guards.policy_store import PolicyNotFound, PolicyStore
@@ -64,7 +65,47 @@ class GuardServices:
             device=settings.device,
         )
         log.info("guards_ready", guards=sorted(guards), policies=store.names())
-        return cls(store=store, pipelines=GuardPipelines(guards, registry), guards=guards)
+        services = cls(store=store, pipelines=GuardPipelines(guards, registry), guards=guards)
+        services.log_coverage()
+        return services
+
+    def log_coverage(self) -> None:
+        """Once at start-up: per policy, the categories nobody can judge, and what to set."""
+        for policy in self.store:
+            gaps = cannot_judge(policy, self.guards)
+            if gaps:
+                log.warning(
+                    "categories_not_judged",
+                    policy=policy.name,
+                    categories={c: f"{hint(c)} (stages: {', '.join(s)})" for c, s in gaps.items()},
+                )
+
+    def ready(self) -> tuple[bool, str]:
+        """For `/readyz`: the default policy is loaded, and every guard a loaded policy
+        requires (`optional: false`) is available."""
+        ok, why = self.store.ready()
+        problems = [] if ok else [why]
+        for policy in self.store:
+            for name in missing_required(policy, self.guards):
+                setting = GUARD_SETTING.get(name)
+                how = f" (set {setting})" if setting else ""
+                problems.append(
+                    f"policy {policy.name!r} requires guard {name!r}, which is not available{how}"
+                )
+        return (not problems, "; ".join(problems) or "ok")
+
+    def status(self) -> list[dict[str, Any]]:
+        """`GET /admin/policies` rows, with the categories each policy cannot judge here."""
+        rows = self.store.status()
+        for row in rows:
+            try:
+                policy = self.store.get(row["name"])
+            except PolicyNotFound:
+                row["cannot_judge"] = None
+                continue
+            row["cannot_judge"] = cannot_judge(policy, self.guards)
+            row["missing_guards"] = missing_required(policy, self.guards)
+        return rows
 
     async def stop(self) -> None:
         await self.store.stop()

@@ -276,7 +276,7 @@ async def readyz(request: Request) -> Response:
     if guards is None:
         reasons["policies"] = "policies are not loaded"
     else:
-        ok, why = guards.store.ready()
+        ok, why = guards.ready()
         if not ok:
             reasons["policies"] = why
     checks = {name: name not in reasons for name in ("engine", "redis", "policies")}
@@ -297,4 +297,4 @@ async def metrics_endpoint(request: Request) -> Response:
 @router.get("/admin/policies", dependencies=[Depends(require_admin)])
 async def admin_policies(request: Request) -> dict[str, Any]:
     guards: GuardServices = request.app.state.guards
-    return {"object": "list", "data": guards.store.status()}
+    return {"object": "list", "data": guards.status()}

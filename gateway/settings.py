@@ -71,6 +71,8 @@ class Settings(LimitsSettings):
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 50_000_000
     max_messages: int = 256
+    # /v1/moderations: at most this many strings (or parts) in one request's `input`.
+    moderation_max_inputs: PositiveInt = 32
     image_fetch_timeout_s: float = 10.0
     image_fetch_max_redirects: int = 3
     # Hosts or CIDR networks that image URLs may reach even though they are private/loopback.

@@ -168,7 +168,7 @@ class ChatStream:
                         step = ModerationStep(release=event.text)
                 else:
                     finished = checked_finish(event)
-                    prompt_tokens = finished.prompt_tokens
+                    prompt_tokens = chat.with_images(finished.prompt_tokens)
                     completion_tokens += finished.completion_tokens
                     chat.completion_tokens += finished.completion_tokens - choice.deltas
                     step = await choice.moderator.finish() if moderated else _NOTHING
@@ -199,7 +199,9 @@ class ChatStream:
                             "model": chat.model_id,
                             "system_fingerprint": service.system_fingerprint,
                             "choices": [],
-                            "usage": usage_body(prompt_tokens, completion_tokens),
+                            "usage": usage_body(
+                                prompt_tokens, completion_tokens, chat.image_tokens
+                            ),
                         }
                     )
                 )

@@ -1,9 +1,12 @@
 """Azure-style content-filter results.
 
 One builder makes `content_filter_results` (per choice) and `prompt_filter_results` (per
-prompt). With no arguments every category is reported safe, with the six keys of the contract;
-`guards.decision.decide` fills `CategoryVerdicts` from the guards' verdicts under a policy, and
-may switch on the optional keys:
+prompt), always with the six keys of the contract. A category is reported with `severity` (the
+four harm keys) or `detected` (the detection keys) only when a guard of the effective policy
+really judged it (`CategoryVerdicts.judged`); a category nobody judged carries only
+`{"filtered": false}` (the seed's own shape), never a claimed `safe`. With no arguments nothing
+was judged. `guards.decision.decide` fills `CategoryVerdicts` from the guards' verdicts under a
+policy, and may switch on the optional keys:
 
 - `indirect_attack` (`{filtered, detected}`, on prompts);
 - `custom_blocklists` (`{filtered, details: [{filtered, id}]}`, Azure's shape, when the policy
@@ -40,6 +43,8 @@ class CategoryVerdicts:
     """What the guards decided for one text (a prompt or a choice)."""
 
     severities: dict[str, Severity] = field(default_factory=dict)
+    # Categories a guard really judged (only these get `severity` / `detected`).
+    judged: set[str] = field(default_factory=set)
     detected: dict[str, bool] = field(default_factory=dict)
     filtered: set[str] = field(default_factory=set)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -63,20 +68,17 @@ class CategoryVerdicts:
     def results(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name in SEVERITY_CATEGORIES:
-            out[name] = {
-                "filtered": name in self.filtered,
-                "severity": self.severities.get(name, "safe"),
-            }
+            if name in self.judged:
+                out[name] = {
+                    "filtered": name in self.filtered,
+                    "severity": self.severities.get(name, "safe"),
+                }
+            else:
+                out[name] = {"filtered": False}
         for name in DETECTION_CATEGORIES:
-            out[name] = {
-                "filtered": name in self.filtered,
-                "detected": self.detected.get(name, False),
-            }
+            out[name] = self._detection(name)
         if "indirect_attack" in self.report:
-            out["indirect_attack"] = {
-                "filtered": "indirect_attack" in self.filtered,
-                "detected": self.detected.get("indirect_attack", False),
-            }
+            out["indirect_attack"] = self._detection("indirect_attack")
         if "custom_blocklists" in self.report or self.blocklists:
             out["custom_blocklists"] = {
                 "filtered": any(self.blocklists.values()),
@@ -95,6 +97,11 @@ class CategoryVerdicts:
             out["error"] = {"code": "guard_error", "message": "; ".join(self.errors)}
         out.update(self.extra)
         return out
+
+    def _detection(self, name: str) -> dict[str, bool]:
+        if name not in self.judged:
+            return {"filtered": False}
+        return {"filtered": name in self.filtered, "detected": self.detected.get(name, False)}
 
 
 def choice_results(verdicts: CategoryVerdicts | None = None) -> dict[str, Any]:

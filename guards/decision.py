@@ -15,6 +15,9 @@
 5. Blocklist matches (`blocklist:<name>`) are hits; the list's own action applies.
 6. A failed guard blocks unless `on_error` (per guard, else `on_guard_error`) is `allow`; the
    failure is reported under the results' `error` key either way.
+7. A category is *judged* when a guard that did not fail reported it (after mapping and
+   exclusion); only judged categories carry `severity` / `detected` in the results. `scores`
+   keeps, per judged category, the highest probability a guard gave it.
 """
 
 from __future__ import annotations
@@ -59,6 +62,10 @@ class Decision:
     # Guards that ran (failed ones included) with their latency in seconds.
     latencies: dict[str, float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    # Judged category -> the highest score (a probability) a guard gave it.
+    scores: dict[str, float] = field(default_factory=dict)
+    # The guards' own verdicts, in the order given (for `/v1/moderations`).
+    guard_verdicts: list[GuardVerdict] = field(default_factory=list)
 
     def content_filter_results(self) -> dict[str, Any]:
         """For a choice (`choices[i].content_filter_results`)."""
@@ -102,19 +109,24 @@ def decide(
     *,
     ran: Iterable[str] | None = None,
     skipped: Iterable[str] = (),
+    assume_judged: Iterable[str] = (),
 ) -> Decision:
     """The decision for one text. `ran` names the guards that were run (default: those with a
-    verdict); it decides whether the optional `llama_guard` key is reported."""
+    verdict); it decides whether the optional `llama_guard` key is reported. `assume_judged`
+    adds categories to the judged ones (a stage's coverage, for a decision made before its
+    guards ran on any text: nothing, so far, is the judgement)."""
     ran_names = set(ran) if ran is not None else {v.guard for v in verdicts}
     severities: dict[str, Severity] = {}
     sources: dict[str, set[str]] = {}
     blocklist_matches: dict[str, set[str]] = {}
     errors: dict[str, str] = {}
     latencies: dict[str, float] = {}
+    scores: dict[str, float] = {}
 
-    def note(category: str, severity: Severity, guard: str) -> None:
+    def note(category: str, severity: Severity, guard: str, score: float) -> None:
         severities[category] = _max_severity(severities.get(category), severity)
         sources.setdefault(category, set()).add(guard)
+        scores[category] = max(scores.get(category, 0.0), float(score))
 
     for verdict in verdicts:
         latencies[verdict.guard] = verdict.latency_s
@@ -137,19 +149,20 @@ def decide(
             if key in _CODES:
                 target = policy.llama_guard_target(key)
                 if target is None:
-                    note(key, severity, verdict.guard)
+                    note(key, severity, verdict.guard, cat.score)
                 elif not policy.is_excluded(target):
-                    note(target, severity, verdict.guard)
+                    note(target, severity, verdict.guard, cat.score)
                 continue
             if key in _SEVERITY:
                 if not has_codes:
-                    note(key, severity, verdict.guard)
+                    note(key, severity, verdict.guard, cat.score)
                 continue
             if key in _DETECTION:
-                note(key, severity, verdict.guard)
+                note(key, severity, verdict.guard, cat.score)
             # Any other key is not a category this gateway reports; it is ignored.
 
     result = CategoryVerdicts()
+    result.judged = set(severities) | {c for c in assume_judged if not policy.is_excluded(c)}
     hits: dict[str, str] = {}
     reasons: list[str] = []
     blocked = False
@@ -207,4 +220,6 @@ def decide(
         errors=errors,
         latencies=latencies,
         skipped=list(skipped),
+        scores=scores,
+        guard_verdicts=list(verdicts),
     )

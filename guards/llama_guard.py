@@ -35,10 +35,23 @@ fails closed: the item's verdict gets `error` set (the pipeline applies the poli
 action, block by default), with `p_unsafe` and the raw text kept in `details`. We do not turn it
 into "every category detected": that would annotate responses with categories nobody found.
 
-Verdict categories: one entry per code of the rendered list ("S1".."S14"), each with score
-P(unsafe); `detected` is True for the codes the model listed, and their severity is
+Per-category probabilities: the scoring pass also carries the tokens the model writes after
+`unsafe` up to the first code (`unsafe`, `\n`, `S` in the real vocabulary; found by tokenising
+`unsafe\n<code>` for every code and taking their common prefix, each code then being one token:
+`1` .. `14`). The same forward pass (the extra tokens cannot change the earlier positions: the
+model is causal) gives at the last position the next-token distribution over the code tokens,
+renormalised over the valid codes: q(code | unsafe), the model's own probability that this is
+the category it names first. For an item that is continued (P(unsafe) >= threshold), every step
+of the generation that emits a code contributes its distribution too (q is the maximum over those
+positions, so a second listed code is not scored by the first position alone). Each code's score
+is P(unsafe) * q(code): a real probability in [0, 1], near 0 for every code when the text is
+safe. A vocabulary where the codes are not single tokens after a common prefix falls back to
+P(unsafe) for the listed codes and 0 for the others (logged once at load).
+
+Verdict categories: one entry per code of the rendered list ("S1".."S14"), each with that score;
+`detected` is True for the codes the model listed, and their severity is
 `severity_from_score(P(unsafe))`; codes it did not list have severity "safe". Details:
-`{"p_unsafe", "codes", "raw", "image"}`.
+`{"p_unsafe", "codes", "raw", "image", "code_probabilities"}` (q per code, when available).
 
 Vision batching: bug huggingface/transformers#39379 makes a text-only row answer differently
 when it shares a batch with image rows, so items are grouped by kind (with image / without) and
@@ -89,6 +102,8 @@ class _Prepared:
     ids: list[int]
     image: Image | None
     p_unsafe: float = 0.0
+    # q(code | unsafe) per code (see the module doc); empty when the vocabulary has no code tokens.
+    code_q: dict[str, float] = field(default_factory=dict)
     verdict: GuardVerdict | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -170,6 +185,7 @@ class LlamaGuard(BatchingGuard):
         self.eos_ids = sorted({eot, *(int(e) for e in eos_list)})
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else eot
+        self.code_prefix, self.code_tokens = self._code_tokens()
 
     # --- set-up helpers ----------------------------------------------------------------------
 
@@ -181,6 +197,25 @@ class LlamaGuard(BatchingGuard):
         if len(ids) != 1:
             raise ValueError(f"{text!r} is not one token in this tokenizer: {ids}")
         return ids[0]
+
+    def _code_tokens(self) -> tuple[list[int], dict[str, int]]:
+        """The tokens written after `unsafe` before the first code, and each code's own token;
+        ([], {}) when the vocabulary does not spell the codes that way (see the module doc)."""
+        spelled = {code: self._encode("unsafe\n" + code) for code in self.valid_codes}
+        rows = list(spelled.values())
+        common = 0
+        while all(len(r) > common and r[common] == rows[0][common] for r in rows):
+            common += 1
+        prefix = rows[0][:common]
+        tokens = {code: ids[common] for code, ids in spelled.items() if len(ids) == common + 1}
+        n = len(self.unsafe_ids)
+        if (
+            prefix[:n] != self.unsafe_ids
+            or len(tokens) != len(spelled)
+            or len(set(tokens.values())) != len(tokens)
+        ):
+            return [], {}
+        return prefix[n:], tokens
 
     @staticmethod
     def _rewrite_fixed_categories(
@@ -327,7 +362,9 @@ class LlamaGuard(BatchingGuard):
                 self._categorise(unsafe[start : start + self.max_batch])
         elapsed = time.perf_counter() - started
         for p in prepared:
-            verdicts[p.index] = p.verdict or self._verdict(p.p_unsafe, (), "", p.image is not None)
+            verdicts[p.index] = p.verdict or self._verdict(
+                p.p_unsafe, (), "", p.image is not None, p.code_q
+            )
         out = [v if v is not None else self._error("internal: no verdict") for v in verdicts]
         for v in out:
             v.latency_s = elapsed
@@ -367,14 +404,27 @@ class LlamaGuard(BatchingGuard):
     def _score(self, group: list[_Prepared]) -> None:
         if not group:
             return
-        inputs = self._inputs([p.ids for p in group], [p.image for p in group])
+        # `unsafe` + the code prefix ride along: the last position then gives q(code | unsafe).
+        tail = [*self.unsafe_ids, *self.code_prefix] if self.code_tokens else []
+        inputs = self._inputs([[*p.ids, *tail] for p in group], [p.image for p in group])
         mask = inputs["attention_mask"]
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(**inputs, position_ids=position_ids, use_cache=False, logits_to_keep=1)
-        pair = out.logits[:, -1, [self.safe_id, self.unsafe_ids[0]]].float()
+        out = self.model(
+            **inputs, position_ids=position_ids, use_cache=False, logits_to_keep=len(tail) + 1
+        )
+        pair = out.logits[:, 0, [self.safe_id, self.unsafe_ids[0]]].float()
         p_unsafe = torch.softmax(pair, dim=-1)[:, 1].tolist()
-        for p, value in zip(group, p_unsafe, strict=True):
+        code_q = self._code_distribution(out.logits[:, -1]) if tail else [{} for _ in group]
+        for p, value, q in zip(group, p_unsafe, code_q, strict=True):
             p.p_unsafe = float(value)
+            p.code_q = q
+
+    def _code_distribution(self, logits: torch.Tensor) -> list[dict[str, float]]:
+        """Rows of next-token logits -> per row, the distribution over the valid codes."""
+        codes = list(self.code_tokens)
+        ids = [self.code_tokens[c] for c in codes]
+        q = torch.softmax(logits[:, ids].float(), dim=-1).tolist()
+        return [dict(zip(codes, row, strict=True)) for row in q]
 
     @torch.inference_mode()
     def _categorise(self, group: list[_Prepared]) -> None:
@@ -389,7 +439,20 @@ class LlamaGuard(BatchingGuard):
             eos_token_id=self.eos_ids,
             pad_token_id=self.pad_id,
         )
-        generated = self.model.generate(**inputs, generation_config=config)[:, length:].tolist()
+        out = self.model.generate(
+            **inputs,
+            generation_config=config,
+            return_dict_in_generate=True,
+            output_logits=bool(self.code_tokens),
+        )
+        generated = out.sequences[:, length:].tolist()
+        code_ids = set(self.code_tokens.values())
+        for row_index, (p, row) in enumerate(zip(group, generated, strict=True)):
+            # Each step that emits a code adds its own distribution (max per code).
+            for step, tok in enumerate(row):
+                if tok in code_ids and out.logits is not None and step < len(out.logits):
+                    (q,) = self._code_distribution(out.logits[step][row_index : row_index + 1])
+                    p.code_q = {c: max(v, p.code_q.get(c, 0.0)) for c, v in q.items()}
         for p, row in zip(group, generated, strict=True):
             end = next((i for i, tok in enumerate(row) if tok in self.eos_ids), None)
             tokens = row if end is None else row[: end + 1]
@@ -405,25 +468,42 @@ class LlamaGuard(BatchingGuard):
             except LlamaGuardParseError as exc:
                 p.verdict = self._error(f"unparseable Llama Guard output: {exc}", details)
                 continue
-            p.verdict = self._verdict(p.p_unsafe, result.codes, raw, p.image is not None)
+            p.verdict = self._verdict(p.p_unsafe, result.codes, raw, p.image is not None, p.code_q)
 
     # --- verdicts ----------------------------------------------------------------------------
 
     def _error(self, message: str, details: dict[str, Any] | None = None) -> GuardVerdict:
         return GuardVerdict(self.name, error=message, details=dict(details or {}))
 
-    def _categories(self, p_unsafe: float, codes: Sequence[str]) -> dict[str, CategoryScore]:
+    def _categories(
+        self, p_unsafe: float, codes: Sequence[str], code_q: Mapping[str, float]
+    ) -> dict[str, CategoryScore]:
         severity = severity_from_score(p_unsafe)
-        return {
-            code: CategoryScore(
-                p_unsafe, severity if code in codes else "safe", detected=code in codes
-            )
-            for code in self.valid_codes
-        }
+        out = {}
+        for code in self.valid_codes:
+            if code_q:
+                score = p_unsafe * code_q.get(code, 0.0)
+            else:  # no code tokens in this vocabulary: the listed codes carry P(unsafe)
+                score = p_unsafe if code in codes else 0.0
+            listed = code in codes
+            out[code] = CategoryScore(score, severity if listed else "safe", detected=listed)
+        return out
 
     def _verdict(
-        self, p_unsafe: float, codes: Sequence[str], raw: str, image: bool
+        self,
+        p_unsafe: float,
+        codes: Sequence[str],
+        raw: str,
+        image: bool,
+        code_q: Mapping[str, float] | None = None,
     ) -> GuardVerdict:
         """The verdict of a scored item: `codes` empty when it was found safe."""
-        details = {"p_unsafe": p_unsafe, "codes": list(codes), "raw": raw, "image": image}
-        return GuardVerdict(self.name, self._categories(p_unsafe, codes), details=details)
+        q = dict(code_q or {})
+        details = {
+            "p_unsafe": p_unsafe,
+            "codes": list(codes),
+            "raw": raw,
+            "image": image,
+            "code_probabilities": q,
+        }
+        return GuardVerdict(self.name, self._categories(p_unsafe, codes, q), details=details)

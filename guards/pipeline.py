@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from guards.base import Guard, GuardInput, GuardVerdict, Stage
 from guards.blocklist import BlocklistGuard
+from guards.coverage import stage_coverage
 from guards.decision import Decision, decide
 from guards.policy import Policy
 
@@ -123,6 +124,8 @@ class GuardPipeline:
         self.metrics = GuardMetrics.on(metrics)
         self._plans: dict[Stage, list[_Planned]] = {}
         self._skipped: dict[Stage, list[str]] = {}
+        # What the available guards judge per stage (see guards.coverage).
+        self._coverage = {s: stage_coverage(policy, guards, s) for s in ("input", "output")}
         bound: dict[str, Guard | None] = {}
         for stage in ("input", "output"):
             plans: list[_Planned] = []
@@ -176,10 +179,15 @@ class GuardPipeline:
         return list(self._skipped[stage])
 
     def safe_decision(self, stage: Stage) -> Decision:
-        """A decision with nothing found, with the same result keys as a real one at this stage
-        (for streamed chunks sent before the first output check)."""
+        """A decision with nothing found, with the same result keys (and judged categories) as
+        a real one at this stage (for streamed chunks sent before the first output check)."""
         return decide(
-            self.policy, stage, [], ran=self.guards_for(stage), skipped=self._skipped[stage]
+            self.policy,
+            stage,
+            [],
+            ran=self.guards_for(stage),
+            skipped=self._skipped[stage],
+            assume_judged=self._coverage[stage] if self._plans.get(stage) else (),
         )
 
     async def run(self, stage: Stage, items: Sequence[GuardInput]) -> list[Decision]:

@@ -15,19 +15,24 @@ from PIL import Image
 from tests.conftest import AUTH, TEST_API_KEY
 
 MODEL = "meta-llama/llama-3.2-11b-vision-instruct"
+# The default policy without Llama Guard weights: nobody judges the harm categories (the seed's
+# `{"filtered": false}`, no claimed severity); jailbreak is judged on the prompt only.
 SAFE_RESULTS = {
-    "hate": {"filtered": False, "severity": "safe"},
-    "self_harm": {"filtered": False, "severity": "safe"},
-    "sexual": {"filtered": False, "severity": "safe"},
-    "violence": {"filtered": False, "severity": "safe"},
+    "hate": {"filtered": False},
+    "self_harm": {"filtered": False},
+    "sexual": {"filtered": False},
+    "violence": {"filtered": False},
     "jailbreak": {"filtered": False, "detected": False},
     "profanity": {"filtered": False, "detected": False},
 }
 
 
-def assert_safe(results: dict[str, Any]) -> None:
+def assert_safe(results: dict[str, Any], stage: str = "output") -> None:
     """The contract's keys with safe values; any extra key (blocklists...) is not filtered."""
-    assert {k: results[k] for k in SAFE_RESULTS} == SAFE_RESULTS
+    expected = dict(SAFE_RESULTS)
+    if stage == "output":
+        expected["jailbreak"] = {"filtered": False}
+    assert {k: results[k] for k in expected} == expected
     assert all(v.get("filtered") is False for v in results.values())
 
 
@@ -62,7 +67,7 @@ def test_non_streaming_text(client: openai.OpenAI) -> None:
     assert_safe(raw["choices"][0]["content_filter_results"])
     [prompt_results] = raw["prompt_filter_results"]
     assert prompt_results["prompt_index"] == 0
-    assert_safe(prompt_results["content_filter_results"])
+    assert_safe(prompt_results["content_filter_results"], "input")
 
 
 def test_alias_model_name_answers_with_canonical_id(client: openai.OpenAI) -> None:
@@ -106,7 +111,11 @@ def test_image_request_usage_counts_real_tokens(client: openai.OpenAI, gateway_s
     ids = processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     assert processor.tokenizer.convert_tokens_to_ids("<|image|>") in ids
     assert with_image.usage is not None
-    assert with_image.usage.prompt_tokens == len(ids)
+    # The image counts as its vision tokens (2 tiles of 17 in the demo model) instead of its
+    # one <|image|> placeholder (the contract since issue 14).
+    details = with_image.usage.prompt_tokens_details
+    assert details is not None and details.image_tokens == 2 * 17 and details.cached_tokens == 0
+    assert with_image.usage.prompt_tokens == len(ids) - 1 + details.image_tokens
 
 
 def test_n_choices(client: openai.OpenAI) -> None:
@@ -138,7 +147,7 @@ def test_streaming_with_usage(client: openai.OpenAI) -> None:
     with_choices = [c for c in chunks if c.choices]
     assert with_choices[0].choices[0].delta.role == "assistant"
     first = with_choices[0].model_dump()
-    assert_safe(first["prompt_filter_results"][0]["content_filter_results"])
+    assert_safe(first["prompt_filter_results"][0]["content_filter_results"], "input")
     assert len({c.id for c in chunks}) == 1
     for chunk in with_choices:
         assert_safe(chunk.model_dump()["choices"][0]["content_filter_results"])

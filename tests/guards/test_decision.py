@@ -53,9 +53,11 @@ def test_nothing_found_is_safe_and_allowed() -> None:
     assert not decision.blocked
     assert decision.reasons == [] and decision.hits == {}
     results = decision.content_filter_results()
-    assert results["hate"] == {"filtered": False, "severity": "safe"}
-    assert results["jailbreak"] == {"filtered": False, "detected": False}
-    assert results["indirect_attack"] == {"filtered": False, "detected": False}
+    # Unjudged (only profanity ran): the seed's shape, no claimed severity or detection.
+    assert results["hate"] == {"filtered": False}
+    assert results["jailbreak"] == {"filtered": False}
+    assert results["indirect_attack"] == {"filtered": False}
+    assert results["profanity"] == {"filtered": False, "detected": False}
     assert results["custom_blocklists"] == {"filtered": False, "details": []}
     assert "llama_guard" not in results  # it did not run
     assert "error" not in results
@@ -131,16 +133,17 @@ def test_unmapped_codes_go_to_the_llama_guard_key() -> None:
     }
     assert decision.hits == {"S2": "block", "S6": "annotate"}
     assert decision.blocked
-    for azure in ("hate", "self_harm", "sexual", "violence"):
-        assert results[azure]["severity"] == "safe"
+    for azure in ("hate", "self_harm", "sexual", "violence"):  # no code reported maps to them
+        assert results[azure] == {"filtered": False}
 
 
 def test_custom_mapping() -> None:
     policy = _policy("llama_guard:\n  map: {S2: violence}\n")
     results = decide(policy, "output", [_lg(S2="medium", S10="high")]).content_filter_results()
     assert results["violence"]["severity"] == "medium"
-    # S10 is no longer mapped in this policy: it has no Azure counterpart here.
-    assert results["hate"]["severity"] == "safe"
+    # S10 is no longer mapped in this policy: it has no Azure counterpart here (nothing judged
+    # hate).
+    assert results["hate"] == {"filtered": False}
     assert results["llama_guard"]["categories"] == ["S10"]
 
 
@@ -150,7 +153,7 @@ def test_azure_keys_of_a_code_reporting_verdict_are_ignored() -> None:
     policy = _policy("excluded_categories: [S10]\n")
     decision = decide(policy, "output", [verdict])
     assert not decision.blocked
-    assert decision.content_filter_results()["hate"]["severity"] == "safe"
+    assert decision.content_filter_results()["hate"] == {"filtered": False}
 
 
 def test_excluded_categories_are_dropped() -> None:
@@ -159,8 +162,8 @@ def test_excluded_categories_are_dropped() -> None:
     decision = decide(policy, "input", verdicts)
     assert not decision.blocked
     results = decision.content_filter_results()
-    assert results["sexual"]["severity"] == "safe"
-    assert results["jailbreak"]["detected"] is False
+    assert results["sexual"] == {"filtered": False}  # excluded: nobody judged it
+    assert results["jailbreak"] == {"filtered": False}
     assert results["llama_guard"]["categories"] == []
 
 
@@ -268,13 +271,13 @@ def test_error_body_is_azures() -> None:
 
 
 def test_no_argument_builders_are_unchanged() -> None:
-    safe = {
-        "hate": {"filtered": False, "severity": "safe"},
-        "self_harm": {"filtered": False, "severity": "safe"},
-        "sexual": {"filtered": False, "severity": "safe"},
-        "violence": {"filtered": False, "severity": "safe"},
-        "jailbreak": {"filtered": False, "detected": False},
-        "profanity": {"filtered": False, "detected": False},
+    safe = {  # nothing was judged: the seed's shape, keys always present
+        "hate": {"filtered": False},
+        "self_harm": {"filtered": False},
+        "sexual": {"filtered": False},
+        "violence": {"filtered": False},
+        "jailbreak": {"filtered": False},
+        "profanity": {"filtered": False},
     }
     assert choice_results() == safe
     assert prompt_filter_results() == [{"prompt_index": 0, "content_filter_results": safe}]

@@ -252,9 +252,19 @@ async def test_safe_decision_has_the_stage_keys() -> None:
     pipeline = GuardPipeline(load_policy(POLICY_DIR / "default.yaml"), {})
     results = pipeline.safe_decision("input").content_filter_results()
     assert results["custom_blocklists"] == {"filtered": False, "details": []}
-    assert results["indirect_attack"] == {"filtered": False, "detected": False}
+    # No guard in the registry judges it: the seed's shape, no claimed detection.
+    assert results["indirect_attack"] == {"filtered": False}
     assert "llama_guard" not in results  # optional and not configured: skipped
     assert not pipeline.safe_decision("output").blocked
+    from guards.jailbreak_heuristic import JailbreakHeuristicGuard
+
+    judged = GuardPipeline(
+        load_policy(POLICY_DIR / "default.yaml"), {"jailbreak_heuristic": JailbreakHeuristicGuard()}
+    )
+    results = judged.safe_decision("input").content_filter_results()
+    assert results["indirect_attack"] == {"filtered": False, "detected": False}
+    assert results["jailbreak"] == {"filtered": False, "detected": False}
+    assert results["hate"] == {"filtered": False}  # no Llama Guard: hate is not judged
 
 
 async def test_real_embedded_guards_under_the_default_policy() -> None:
