@@ -13,6 +13,7 @@ from model.engine import (
     EngineEvent,
     EngineOverloaded,
     EngineRequest,
+    Fault,
     FinishReason,
 )
 
@@ -73,5 +74,7 @@ class FastSequence:
     def decoding(self) -> bool:
         return self.last_token is not None and not self.done
 
-    def finish(self, reason: FinishReason, error: str | None = None) -> None:
-        finish_stream(self, reason, error)
+    def finish(
+        self, reason: FinishReason, error: str | None = None, fault: Fault = "server"
+    ) -> None:
+        finish_stream(self, reason, error, fault)
