@@ -67,7 +67,7 @@ def body(rng: random.Random, stream: bool) -> dict[str, Any]:
     return {
         "model": MODEL,
         "messages": [{"role": "user", "content": content}],
-        "max_tokens": rng.randint(1, 6),
+        "max_tokens": rng.randint(1, 2),
         "temperature": 0,
         "stream": stream,
     }
@@ -99,7 +99,9 @@ async def _load(base_url: str, requests: int, clients: int) -> list[tuple[int, s
 
 
 def test_concurrent_mixed_clients_get_no_5xx(live_gateway: LiveServer) -> None:
-    results = asyncio.run(_load(live_gateway.base_url, requests=96, clients=16))
+    # Before the tokenizer had one owner, this run got ~9 500s out of 240 (batch_failed:
+    # "expected sequence of length N at dim 1"); ~30 s on 2 cores.
+    results = asyncio.run(_load(live_gateway.base_url, requests=240, clients=24))
     failures = [(status, text[:300]) for status, text in results if status >= 500]
     assert failures == []
     assert [s for s, _ in results].count(200) == len(results)
