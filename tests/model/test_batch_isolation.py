@@ -128,3 +128,52 @@ def test_a_batch_that_fails_in_the_model_is_retried_row_by_row(engine: LocalMlla
     assert "IndexError" in (guilty[0].error or "")  # the model's own failure, for the log
     # The engine goes on serving.
     assert asyncio.run(run(engine, request("after", texts[0])))[0] == alone[0]
+
+
+def test_fast_engine_a_failing_newcomer_fails_alone(loaded: tuple[object, object]) -> None:
+    from tests.model.fast_support import make_engine
+
+    fast = make_engine(loaded)  # type: ignore[arg-type]
+    try:
+        texts = ["Hello there, how are you?", "Describe a harbour at dawn, please, in detail."]
+        alone = [asyncio.run(run(fast, request(f"a{i}", t)))[0] for i, t in enumerate(texts)]
+        embeddings = fast.model.get_input_embeddings().num_embeddings
+
+        async def together() -> list[list[object]]:
+            loop = asyncio.get_running_loop()
+            batcher = fast.batcher
+            out: list[asyncio.Queue[object]] = []
+            batcher.pause()  # all three are admitted and prefilled in the same step
+            try:
+                for i, text in enumerate([texts[0], "guilty", texts[1]]):
+                    req = request(f"f{i}", text)
+                    prompt, images = fast.encoder.render(req.messages)
+                    ids, _, _ = fast.prepare(prompt, images)
+                    if text == "guilty":  # a token id the model's embedding table does not have
+                        ids = ids.clone()
+                        ids[-1] = embeddings + 5
+                    queue: asyncio.Queue[object] = asyncio.Queue()
+
+                    def emit(event: object, q: asyncio.Queue[object] = queue) -> None:
+                        loop.call_soon_threadsafe(q.put_nowait, event)
+
+                    batcher.submit(batcher.new_sequence(req, ids, emit))
+                    out.append(queue)
+            finally:
+                batcher.resume()
+            results: list[list[object]] = []
+            for queue in out:
+                events: list[object] = []
+                while not events or not isinstance(events[-1], Finished):
+                    events.append(await queue.get())
+                results.append(events)
+            return results
+
+        first, guilty, last = asyncio.run(together())
+        for events, want in [(first, alone[0]), (last, alone[1])]:
+            assert "".join(e.text for e in events if isinstance(e, TextDelta)) == want
+        assert len(guilty) == 1 and isinstance(guilty[0], Finished)
+        assert guilty[0].reason == "error" and "IndexError" in (guilty[0].error or "")
+        assert asyncio.run(run(fast, request("after", texts[0])))[0] == alone[0]
+    finally:
+        asyncio.run(fast.stop())
