@@ -124,12 +124,14 @@ def summarize(ttft: list[float], tokens: int, seconds: float) -> dict[str, float
 def current_engine_streams(
     model: Any, processor: Any, reqs: list[Any], arrivals: list[float], device: torch.device
 ) -> dict[str, float]:
+    from model.encoding import PromptEncoder
     from model.engine import Finished
     from model.prompt import render_prompt
     from model.runner import MllamaRunner
     from model.scheduler import BatchScheduler, Sequence
 
-    scheduler = BatchScheduler(MllamaRunner(model, processor, device), processor.tokenizer, (), 8)
+    encoder = PromptEncoder(processor)
+    scheduler = BatchScheduler(MllamaRunner(model, encoder.pad_id, device), encoder, (), 8)
     first: dict[int, float] = {}
     original_step = scheduler._step
 

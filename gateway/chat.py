@@ -301,7 +301,7 @@ class ChatService:
             closer = getattr(events, "aclose", None)
             if closer is not None:
                 await closer()
-        raise EngineFailed("The engine ended the stream without a finish event.")
+        raise server_failure("the engine ended the stream without a finish event")
 
     def observe_first_token(self, chat: PreparedChat) -> None:
         self._metrics.time_to_first_token.observe(time.perf_counter() - chat.started)
@@ -335,12 +335,38 @@ def engine_failure(exc: BaseException) -> GatewayError:
             code="engine_overloaded",
             headers={"Retry-After": "1"},
         )
-    return EngineFailed(f"The model failed to generate: {type(exc).__name__}: {exc}")
+    return server_failure(exc)
+
+
+def server_failure(cause: BaseException | str | None) -> EngineFailed:
+    """A 500 that says the server failed and names the request; the cause is logged here with
+    the request id, and its text is never shown to the client."""
+    request_id = structlog.contextvars.get_contextvars().get("request_id")
+    if isinstance(cause, BaseException):
+        log.error(
+            "engine_failed",
+            request_id=request_id,
+            error_type=type(cause).__name__,
+            exc_info=cause,
+        )
+    else:
+        log.error("engine_failed", request_id=request_id, error=cause or "unknown error")
+    ref = f" (request id {request_id})" if request_id else ""
+    return EngineFailed(
+        f"The server failed while generating the completion{ref}. This is not a problem with "
+        "your request; retry it, and quote the request id if you contact the operator."
+    )
 
 
 def checked_finish(event: Finished) -> Finished:
     if event.reason == "error":
-        raise EngineFailed(f"The model failed to generate: {event.error or 'unknown error'}")
+        if event.fault == "request":  # the request's own input (the engine wrote the message)
+            raise InvalidRequest(
+                f"The model could not take this request's input: {event.error}",
+                param="messages",
+                code="invalid_model_input",
+            )
+        raise server_failure(event.error)
     if event.reason == "cancelled":
         raise ServiceUnavailable("The request was cancelled by the engine (shutting down).")
     return event

@@ -141,6 +141,8 @@ class LlamaGuard(BatchingGuard):
         path = pathlib.Path(path)
         config: Any = AutoConfig.from_pretrained(path)
         self.vision = config.model_type == "mllama"
+        # The tokenizer and processor are used only in the batcher's one worker thread after
+        # start (a fast tokenizer's state is not thread-safe, issue 13).
         self.processor: Any = None
         model: Any
         if self.vision:

@@ -110,6 +110,8 @@ class PromptGuard(BatchingGuard):
         tokenizer_kwargs: dict[str, Any] = {}
         if self.layout.version == 2:  # Meta's PG2 tokenizer needs the Mistral-regex fix (FACTS)
             tokenizer_kwargs["fix_mistral_regex"] = True
+        # Owned by the batcher's one worker thread after start: its padded calls change the
+        # fast tokenizer's shared padding state, so no other thread may call it (issue 13).
         self.tokenizer: Any = AutoTokenizer.from_pretrained(path, **tokenizer_kwargs)
         model: Any = AutoModelForSequenceClassification.from_pretrained(path, dtype=self.dtype)
         self.model = model.to(self.device).eval()

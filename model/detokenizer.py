@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from model.engine import Finished, FinishReason, TextDelta
+from model.engine import Fault, Finished, FinishReason, TextDelta
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -126,7 +126,9 @@ class StreamedSequence(Protocol):
     def prompt_tokens(self) -> int: ...
 
 
-def finish_stream(seq: StreamedSequence, reason: FinishReason, error: str | None = None) -> None:
+def finish_stream(
+    seq: StreamedSequence, reason: FinishReason, error: str | None = None, fault: Fault = "server"
+) -> None:
     """End a request's stream once: release held text (unless it stopped or failed), then one
     `Finished` event with the exact token counts."""
     if seq.done:
@@ -137,4 +139,4 @@ def finish_stream(seq: StreamedSequence, reason: FinishReason, error: str | None
         tail = seq.detok.flush()
         if tail:
             seq.emit(TextDelta(tail))
-    seq.emit(Finished(reason, seq.prompt_tokens, seq.completion_tokens, error))
+    seq.emit(Finished(reason, seq.prompt_tokens, seq.completion_tokens, error, fault))

@@ -16,6 +16,9 @@ from PIL.Image import Image
 
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+# Whose fault an error is: "request" (its own input; the client gets a 4xx with the error's
+# text, which engines write for clients) or "server" (a 500 that never shows the error's text).
+Fault = Literal["server", "request"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    fault: Fault = "server"
 
 
 EngineEvent = TextDelta | Finished

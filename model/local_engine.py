@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 import torch
 
+from model.encoding import PromptEncoder
 from model.engine import (
     EngineError,
     EngineEvent,
@@ -70,7 +71,7 @@ class LocalMllamaEngine:
         self._processor: Any = None
         self._model: Any = None
         self._scheduler: BatchScheduler | None = None
-        self._renderer: PromptRenderer | None = None
+        self._encoder: PromptEncoder | None = None
         self._context_length = context_length or 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -88,17 +89,18 @@ class LocalMllamaEngine:
         from transformers import AutoProcessor, MllamaForConditionalGeneration
 
         processor = AutoProcessor.from_pretrained(self._path)
-        processor.tokenizer.padding_side = "left"
         model = MllamaForConditionalGeneration.from_pretrained(self._path, dtype=self._dtype)
         model = model.to(self._device).eval()  # type: ignore[arg-type]
         text_config = model.config.get_text_config(decoder=True)
         self._context_length = self._context_override or int(text_config.max_position_embeddings)
-        runner = MllamaRunner(model, processor, self._device)
+        # The one owner of the processor: request threads count through it while the
+        # scheduler thread encodes batches (a shared fast tokenizer is not thread-safe).
+        encoder = PromptEncoder(processor)
+        runner = MllamaRunner(model, encoder.pad_id, self._device)
         self._scheduler = BatchScheduler(
-            runner, processor.tokenizer, eos_ids(processor, model), self._max_batch
+            runner, encoder, eos_ids(processor, model), self._max_batch
         )
-        self._processor, self._model = processor, model
-        self._renderer = PromptRenderer(processor)
+        self._processor, self._model, self._encoder = processor, model, encoder
         self._scheduler.start()
 
     async def stop(self) -> None:
@@ -125,10 +127,14 @@ class LocalMllamaEngine:
         return self._scheduler
 
     @property
-    def renderer(self) -> PromptRenderer:
-        if self._renderer is None:
+    def encoder(self) -> PromptEncoder:
+        if self._encoder is None:
             raise EngineError("the engine is not loaded yet")
-        return self._renderer
+        return self._encoder
+
+    @property
+    def renderer(self) -> PromptRenderer:
+        return self.encoder.renderer
 
     @property
     def processor(self) -> Any:
@@ -140,12 +146,11 @@ class LocalMllamaEngine:
 
     # -- requests --------------------------------------------------------------------------
     def count_prompt_tokens(self, request: EngineRequest) -> int:
-        prompt, _ = self.renderer.render(request.messages)
-        return len(self._processor.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return self.encoder.count(request.messages)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
         scheduler = self.scheduler
-        prompt, images = self.renderer.render(request.messages)
+        prompt, images = self.encoder.render(request.messages)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
         seq = scheduler.new_sequence(request, prompt, images, queue_emitter(loop, queue))

@@ -164,16 +164,11 @@ class PromptCounter:
             return
         from transformers import AutoTokenizer
 
-        from model.prompt import PromptRenderer
+        from model.encoding import PromptEncoder
 
-        tokenizer = AutoTokenizer.from_pretrained(str(self._path))
-        renderer = PromptRenderer(tokenizer)
-
-        def count(turns: tuple[ChatTurn, ...]) -> int:
-            prompt, _ = renderer.render(turns)
-            return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-
-        self._count = count
+        # Counts run in many request threads at once: through the tokenizer's one owner.
+        encoder = PromptEncoder(AutoTokenizer.from_pretrained(str(self._path)))
+        self._count = encoder.count
 
     def __call__(self, turns: tuple[ChatTurn, ...]) -> int:
         if self._count is None:

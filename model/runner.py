@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL.Image import Image
 from transformers import DynamicCache
+
+from model.encoding import EncodedPrompt, collate
 
 
 @dataclass
@@ -28,9 +29,9 @@ class BatchState:
 class MllamaRunner:
     """Prefill and decode steps for one batch at a time (not thread-safe: one worker calls it)."""
 
-    def __init__(self, model: Any, processor: Any, device: torch.device) -> None:
+    def __init__(self, model: Any, pad_id: int, device: torch.device) -> None:
         self.model = model
-        self.processor = processor
+        self.pad_id = pad_id
         self.device = device
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = int(model.config.get_text_config(decoder=True).vocab_size)
@@ -40,19 +41,11 @@ class MllamaRunner:
             out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]
 
-    def prefill(
-        self, prompts: list[str], images: list[list[Image]]
-    ) -> tuple[torch.Tensor, BatchState]:
-        """Run the templated prompts (left-padded) and return next-token logits [B, V]."""
-        has_images = any(images)
-        encoded = self.processor(
-            text=prompts,
-            # Nested per request: a flat list fails when a request has no image.
-            images=images if has_images else None,
-            padding=True,
-            add_special_tokens=False,
-            return_tensors="pt",
-        )
+    def prefill(self, rows: list[EncodedPrompt]) -> tuple[torch.Tensor, BatchState]:
+        """Run the encoded prompts (left-padded here) and return next-token logits [B, V]."""
+        # Padded by `collate`, never by the tokenizer: its padding state is shared (encoding.py).
+        encoded = collate(rows, self.pad_id)
+        has_images = "pixel_values" in encoded
         input_ids = encoded["input_ids"].to(self.device)
         attention_mask = encoded["attention_mask"].to(self.device)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

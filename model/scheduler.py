@@ -6,6 +6,10 @@ share a batch: transformers applies Mllama's cross-attention row mask only after
 (huggingface/transformers#39379), so a text-only row batched with image rows would answer
 differently than alone. A cancelled request is dropped from its batch at the next step.
 
+One request never fails its batch-mates: each row is encoded on its own (a row the processor
+refuses fails alone, as the request's fault), and when a batch fails in the model, its rows that
+have not streamed anything yet are run again one by one, so that only the guilty row fails.
+
 The interface (`submit`, `start`, `stop`, `active_count`) is what a continuous-batching engine
 will keep when it replaces the inside.
 """
@@ -18,13 +22,15 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 import structlog
 import torch
 from PIL.Image import Image
 
-from model.detokenizer import Decoder, IncrementalDetokenizer, finish_stream
-from model.engine import EngineEvent, EngineRequest, FinishReason, TextDelta
+from model.detokenizer import IncrementalDetokenizer, finish_stream
+from model.encoding import EncodedPrompt, InputRejected, PromptEncoder
+from model.engine import EngineEvent, EngineRequest, Fault, FinishReason, TextDelta
 from model.runner import MllamaRunner
 from model.sampling import TokenSampler
 
@@ -41,6 +47,7 @@ class Sequence:
     emit: Callable[[EngineEvent], None]
     sampler: TokenSampler
     detok: IncrementalDetokenizer
+    encoded: EncodedPrompt | None = None  # set by the worker before the row's first batch
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cancelled: bool = False
@@ -51,8 +58,10 @@ class Sequence:
     def has_images(self) -> bool:
         return bool(self.images)
 
-    def finish(self, reason: FinishReason, error: str | None = None) -> None:
-        finish_stream(self, reason, error)
+    def finish(
+        self, reason: FinishReason, error: str | None = None, fault: Fault = "server"
+    ) -> None:
+        finish_stream(self, reason, error, fault)
 
 
 def queue_emitter(
@@ -72,12 +81,14 @@ class BatchScheduler:
     def __init__(
         self,
         runner: MllamaRunner,
-        decoder: Decoder,
+        encoder: PromptEncoder,
         eos_token_ids: Iterable[int],
         max_batch_size: int,
     ) -> None:
         self._runner = runner
-        self._decoder = decoder
+        self._encoder = encoder
+        # Decoding only reads the tokenizer (encoding.py: its state never changes after start).
+        self._decoder = encoder.tokenizer
         self._eos = frozenset(eos_token_ids)
         self._max_batch = max(1, max_batch_size)
         self._pending: deque[Sequence] = deque()
@@ -161,11 +172,7 @@ class BatchScheduler:
     def _work(self) -> None:
         while (batch := self._take_batch()) is not None:
             try:
-                self._run(batch)
-            except Exception as exc:  # the model failed: fail these requests, keep serving
-                log.exception("batch_failed", size=len(batch))
-                for seq in batch:
-                    seq.finish("error", f"{type(exc).__name__}: {exc}")
+                self._run_isolated(self._encode(batch))
             finally:
                 self._active = []
                 self.batches_run += 1
@@ -174,8 +181,61 @@ class BatchScheduler:
                 seq.finish("cancelled")
             self._pending.clear()
 
+    def _encode(self, batch: list[Sequence]) -> list[Sequence]:
+        """Encode each row on its own; a row that cannot be encoded fails alone."""
+        ready: list[Sequence] = []
+        for seq in batch:
+            if seq.encoded is None:
+                try:
+                    seq.encoded = self._encoder.encode(seq.prompt, seq.images)
+                except InputRejected as exc:
+                    log.warning(
+                        "request_input_rejected",
+                        request_id=seq.request.request_id,
+                        reason=str(exc),
+                        cause=repr(exc.__cause__) if exc.__cause__ else None,
+                    )
+                    seq.finish("error", str(exc), fault="request")
+                    continue
+                except Exception as exc:
+                    log.exception("request_encoding_failed", request_id=seq.request.request_id)
+                    seq.finish("error", f"{type(exc).__name__}: {exc}")
+                    continue
+            ready.append(seq)
+        return ready
+
+    def _run_isolated(self, batch: list[Sequence]) -> None:
+        """Run a batch; if it fails, run its untouched rows alone so only the guilty one fails."""
+        if not batch:
+            return
+        try:
+            self._run(batch)
+            return
+        except Exception as exc:
+            log.exception(
+                "batch_failed",
+                size=len(batch),
+                request_ids=[s.request.request_id for s in batch],
+            )
+            error = f"{type(exc).__name__}: {exc}"
+        # Rows that streamed text cannot start over (the client has it): they fail. The others
+        # have seen nothing yet and are retried alone, unless this was already a batch of one.
+        retry = [s for s in batch if not s.done and s.completion_tokens == 0 and len(batch) > 1]
+        for seq in batch:
+            if not seq.done and seq not in retry:
+                seq.finish("error", error)
+        for seq in retry:
+            try:
+                self._run([seq])
+            except Exception as exc:
+                log.exception("sequence_failed", request_id=seq.request.request_id)
+                seq.finish("error", f"{type(exc).__name__}: {exc}")
+
     def _run(self, batch: list[Sequence]) -> None:
-        logits, state = self._runner.prefill([s.prompt for s in batch], [s.images for s in batch])
+        rows = [s.encoded for s in batch]
+        if any(r is None for r in rows):
+            raise RuntimeError("a row reached the model without being encoded")
+        logits, state = self._runner.prefill(cast(list[EncodedPrompt], rows))
         for seq, n in zip(batch, state.prompt_tokens, strict=True):
             seq.prompt_tokens = n
         active = batch

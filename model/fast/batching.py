@@ -17,6 +17,10 @@ Each step, in this order:
 
 Image and text-only requests share the batch: the forward's cross-attention row gate makes a
 text row's output independent of its neighbours (see `model.fast.forward`).
+
+One request never fails the others: when the vision or prefill phase fails, the decoding rows go
+on, and the newcomers (nothing streamed yet) restart, each prefilled with no other newcomer; one
+that fails alone is the guilty one. A failed decode step fails only the rows it decoded.
 """
 
 from __future__ import annotations
@@ -171,9 +175,9 @@ class ContinuousBatcher:
             while self._admit():
                 try:
                     self._step()
-                except Exception as exc:  # the model failed: fail these requests, keep serving
+                except Exception as exc:  # the decode step failed: its rows streamed text
                     log.exception("fast_step_failed", running=len(self._running))
-                    for seq in list(self._running):
+                    for seq in [s for s in self._running if s.completion_tokens > 0]:
                         self._release(seq)
                         seq.finish("error", f"{type(exc).__name__}: {exc}")
                 finally:
@@ -201,6 +205,8 @@ class ContinuousBatcher:
                     self._cond.wait()
                     continue
                 while self._waiting and self.cache.free_slots:
+                    if not self._may_admit(self._waiting[0]):
+                        break
                     seq = self._waiting.popleft()
                     slot = self.cache.allocate()
                     assert slot is not None
@@ -214,6 +220,13 @@ class ContinuousBatcher:
                 if self._running:
                     return True
                 self._cond.wait()
+
+    def _may_admit(self, seq: FastSequence) -> bool:
+        """A request on trial prefills with no other newcomer beside it."""
+        newcomers = [s for s in self._running if not s.done and s.completion_tokens == 0]
+        if any(s.solo for s in newcomers):
+            return False
+        return not (seq.solo and newcomers)
 
     def _release(self, seq: FastSequence) -> None:
         with self._cond:
@@ -231,8 +244,26 @@ class ContinuousBatcher:
         self.decoded_rows = len(decoding)
         if decoding:
             self._decode(decoding)
-        self._encode_vision()
-        self._prefill()
+        try:
+            self._encode_vision()
+            self._prefill()
+        except Exception as exc:  # a newcomer's images or prompt: the decoding rows go on
+            log.exception("fast_prefill_failed")
+            self._retry_newcomers(f"{type(exc).__name__}: {exc}")
+
+    def _retry_newcomers(self, error: str) -> None:
+        """Newcomers restart at the head of the queue, each on trial; one already on trial
+        (it failed alone) is the guilty one and fails."""
+        retry: list[FastSequence] = []
+        for seq in [s for s in self._running if not s.done and s.completion_tokens == 0]:
+            self._release(seq)
+            if seq.solo:
+                seq.finish("error", error)
+            else:
+                seq.restart_alone()
+                retry.append(seq)
+        with self._cond:
+            self._waiting.extendleft(reversed(retry))
 
     # -- token handling ----------------------------------------------------------------------
     def _accept(self, seq: FastSequence, token: int) -> None:

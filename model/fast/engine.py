@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import threading
 import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -21,6 +20,7 @@ import structlog
 import torch
 from PIL.Image import Image
 
+from model.encoding import InputRejected, PromptEncoder
 from model.engine import EngineError, EngineEvent, EngineInfo, EngineRequest, Finished
 from model.fast.batching import ContinuousBatcher
 from model.fast.config import FastEngineConfig
@@ -64,7 +64,7 @@ class FastMllamaEngine:
         self._eos_override = None if eos_token_ids is None else set(eos_token_ids)
         self._processor: Any = None
         self._model: Any = None
-        self._renderer: PromptRenderer | None = None
+        self._encoder: PromptEncoder | None = None
         self._batcher: ContinuousBatcher | None = None
         self._graphs: DecodeGraphs | None = None
         self._slots = 0
@@ -72,8 +72,6 @@ class FastMllamaEngine:
         # Why the decode graphs are off although configured (their capture failed at start).
         self.graph_error: str | None = None
         self._max_len = self.config.max_len
-        # The tokenizer's Rust state is not safe to use from two threads at once.
-        self._processor_lock = threading.Lock()
 
     @classmethod
     def from_loaded(
@@ -117,6 +115,9 @@ class FastMllamaEngine:
             self._model = model.to(self._device).eval()  # type: ignore[arg-type]
             self._processor = processor
         model, processor = self._model, self._processor
+        # The one owner of the processor: every tokenizer call (counting in request threads,
+        # encoding in `prepare`) goes through it (a shared fast tokenizer is not thread-safe).
+        self._encoder = PromptEncoder(processor)
         text = model.config.get_text_config(decoder=True)
         self._max_len = min(self.config.max_len, int(text.max_position_embeddings))
         geometry = CacheGeometry.from_model(
@@ -170,7 +171,6 @@ class FastMllamaEngine:
             image_cache=image_cache,
             graphs=self._graphs,
         )
-        self._renderer = PromptRenderer(processor)
         self._slots = slots
         self._batcher.start()
 
@@ -213,10 +213,14 @@ class FastMllamaEngine:
         return self._batcher
 
     @property
-    def renderer(self) -> PromptRenderer:
-        if self._renderer is None:
+    def encoder(self) -> PromptEncoder:
+        if self._encoder is None:
             raise EngineError("the engine is not loaded yet")
-        return self._renderer
+        return self._encoder
+
+    @property
+    def renderer(self) -> PromptRenderer:
+        return self.encoder.renderer
 
     @property
     def processor(self) -> Any:
@@ -232,34 +236,25 @@ class FastMllamaEngine:
 
     # -- requests ----------------------------------------------------------------------------
     def count_prompt_tokens(self, request: EngineRequest) -> int:
-        prompt, _ = self.renderer.render(request.messages)
-        with self._processor_lock:
-            ids = self._processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return len(ids)
+        return self.encoder.count(request.messages)
 
     def prepare(
         self, prompt: str, images: list[Image]
     ) -> tuple[torch.Tensor, torch.Tensor | None, PreparedImages | None]:
         """Token ids, per-token tile mask and image tensors of one templated prompt (CPU)."""
-        with self._processor_lock:
-            encoded = self._processor(
-                text=[prompt],
-                images=[images] if images else None,  # nested per request
-                add_special_tokens=False,
-                return_tensors="pt",
-            )
-        input_ids = encoded["input_ids"][0]
-        if not images:
+        encoded = self.encoder.encode(prompt, images)
+        input_ids = encoded.input_ids
+        if encoded.images is None:
             return input_ids, None, None
-        ratio_mask = encoded["aspect_ratio_mask"]
-        tiles = [int(n) for n in ratio_mask[0].sum(dim=-1).tolist()]
-        dense = encoded["cross_attention_mask"][0]  # [T, images, max_tiles]
+        feats = encoded.images
+        tiles = [int(n) for n in feats.aspect_ratio_mask.sum(dim=-1).tolist()]
+        dense = feats.cross_attention_mask  # [T, images, max_tiles]
         # Real tiles only, images in order: the layout of the slot's cross-attention K/V.
         tile_mask = torch.cat([dense[:, i, :n] for i, n in enumerate(tiles)], dim=1).bool()
         prepared = PreparedImages(
-            pixel_values=encoded["pixel_values"],
-            aspect_ratio_ids=encoded["aspect_ratio_ids"],
-            aspect_ratio_mask=ratio_mask,
+            pixel_values=feats.pixel_values[None],
+            aspect_ratio_ids=feats.aspect_ratio_ids[None],
+            aspect_ratio_mask=feats.aspect_ratio_mask[None],
             keys=[image_key(img) for img in images],
         )
         return input_ids, tile_mask, prepared
@@ -267,11 +262,15 @@ class FastMllamaEngine:
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
         """Stream text deltas, then one `Finished`; raises `EngineOverloaded` when full."""
         batcher = self.batcher
-        prompt, images = self.renderer.render(request.messages)
+        prompt, images = self.encoder.render(request.messages)
         try:
             input_ids, tile_mask, prepared = await asyncio.to_thread(self.prepare, prompt, images)
-        except Exception as exc:  # an image the processor cannot take
-            log.warning("fast_prepare_failed", error=str(exc))
+        except InputRejected as exc:  # an image the processor cannot take: the request's fault
+            log.warning("request_input_rejected", request_id=request.request_id, reason=str(exc))
+            yield Finished("error", 0, 0, str(exc), fault="request")
+            return
+        except Exception as exc:
+            log.exception("fast_prepare_failed", request_id=request.request_id)
             yield Finished("error", 0, 0, f"{type(exc).__name__}: {exc}")
             return
         loop = asyncio.get_running_loop()

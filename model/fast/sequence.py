@@ -13,6 +13,7 @@ from model.engine import (
     EngineEvent,
     EngineOverloaded,
     EngineRequest,
+    Fault,
     FinishReason,
 )
 
@@ -56,6 +57,9 @@ class FastSequence:
     cancelled: bool = False
     done: bool = False
     finish_reason: FinishReason | None = None
+    # On trial: a step that prefilled it with other newcomers failed, so it runs again with no
+    # other newcomer (if it fails then, it was the guilty one).
+    solo: bool = False
     # Observability (tests, benchmarks): steps and times of the milestones.
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -69,9 +73,17 @@ class FastSequence:
     def prompt_tokens(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def restart_alone(self) -> None:
+        """Back to a fresh, waiting request (its slot already released), now on trial."""
+        self.slot, self.cached, self.vision_ready, self.vision_tokens = None, 0, False, 0
+        self.last_token, self.prefill_chunks, self.admitted_step = None, 0, None
+        self.solo = True
+
     @property
     def decoding(self) -> bool:
         return self.last_token is not None and not self.done
 
-    def finish(self, reason: FinishReason, error: str | None = None) -> None:
-        finish_stream(self, reason, error)
+    def finish(
+        self, reason: FinishReason, error: str | None = None, fault: Fault = "server"
+    ) -> None:
+        finish_stream(self, reason, error, fault)
