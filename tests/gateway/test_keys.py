@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from gateway.auth import AuthService, ensure_demo_key, register_bootstrap_key
 from gateway.errors import AuthenticationFailed, PermissionDenied
-from gateway.keys import KeyStore, LimitDefaults, load_key_secret
+from gateway.key_secret import load_key_secret
+from gateway.keys import KeyStore, LimitDefaults
 from gateway.keys_cli import app as keys_app
 from gateway.redis_conn import make_client
 from gateway.settings import Settings
