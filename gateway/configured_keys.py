@@ -55,6 +55,7 @@ class ConfiguredKeys:
         self._last: dict[str, ApiKey | None] = {}
         self._last_at = -float("inf")
         self.problem: str | None = None  # why the last restore failed, or None
+        self._registered = False  # once: later registrations are restorations
 
     @classmethod
     def from_settings(cls, store: KeyStore, settings: object) -> ConfiguredKeys:
@@ -132,11 +133,12 @@ class ConfiguredKeys:
                 setting = key.setting
                 record, created = await self.store.restore(key.name, key.plain)
                 records[key.name] = record
-                if created:
-                    # Logged once per restore: after a loss of Redis data, the first replica
-                    # to notice says so; the others find the key there.
+                if created and self._registered:
+                    # After a loss of Redis data: the first replica to notice says so (the
+                    # others find the key there).
                     log.warning(
-                        "configured api key registered (it was missing)",
+                        "configured api key was missing (Redis lost its data?); registered "
+                        "it again",
                         key=key.name,
                         key_id=record.id if record else None,
                     )
@@ -146,6 +148,7 @@ class ConfiguredKeys:
             self.problem = f"cannot register {setting} in Redis: {_cause(exc)}"
             raise
         self.problem = None
+        self._registered = True
         return records
 
 
