@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 
 import structlog
+from redis.exceptions import ResponseError
 
 from gateway.errors import ServiceUnavailable
 from gateway.keys import ApiKey, KeyStore, plain_key_problem
@@ -145,7 +146,12 @@ class ConfiguredKeys:
                 elif record is None:
                     log.info("configured api key was revoked; not registering it", key=key.name)
         except ServiceUnavailable as exc:
-            self.problem = f"cannot register {setting} in Redis: {_cause(exc)}"
+            # Only an error that Redis answered (read-only, out of memory, no permission) is
+            # the key's problem; a timeout is Redis being slow or away, which readyz's own
+            # Redis check reports (and a busy moment must not take the replica out).
+            self.problem = None
+            if isinstance(exc.__cause__, ResponseError):
+                self.problem = f"cannot register {setting} in Redis: {_cause(exc)}"
             raise
         self.problem = None
         self._registered = True
