@@ -72,10 +72,15 @@ class LeaseKeeper:
             *(self._renew(key_id, ids) for key_id, ids in by_key.items()),
             return_exceptions=True,
         )
-        failed = sum(isinstance(r, BaseException) for r in results)
+        errors = [r for r in results if isinstance(r, BaseException)]
         lost = sum(r for r in results if isinstance(r, int))
-        if failed:
-            log.warning("lease renewal failed", api_keys=failed, leases=len(self._leases))
+        if errors:
+            log.warning(
+                "lease renewal failed",
+                api_keys=len(errors),
+                leases=len(self._leases),
+                error=type(errors[0]).__name__,
+            )
         if lost:
             # Redis lost them (a flush, an empty replica) or a stall outlived them: they are
             # back, and the concurrency count is true again.

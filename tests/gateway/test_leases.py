@@ -146,3 +146,29 @@ async def test_one_beat_is_one_round_trip_for_all_leases(private_redis: Server) 
         await rl.aclose()
         await client.aclose()
     probe.close()
+
+
+async def test_heartbeat_survives_an_outage_and_refills_an_empty_redis(
+    private_redis: Server,
+) -> None:
+    client = make_client(private_redis.url)
+    rl = RateLimiter(client, lease_ms=900)  # a beat every 300 ms
+    key = make_key(max_concurrency=1)
+    running = await rl.admit(key, 1, 1)
+    private_redis.kill()
+    await asyncio.sleep(0.7)  # beats fail (logged, counted); the keeper keeps going
+    assert rl.leases._task is not None and not rl.leases._task.done()
+    private_redis.start()  # back, empty: no lease, no script
+    probe = redis.Redis(port=private_redis.port)
+    cc = key_name("gw", key.id, "cc")
+    deadline = time.monotonic() + 3
+    while not probe.zcard(cc):
+        assert time.monotonic() < deadline, "the running request's lease never came back"
+        await asyncio.sleep(0.05)
+    refused = await rl.admit(key, 1, 1, raise_on_reject=False)
+    assert not refused.admitted and refused.limit == "concurrency"
+    await rl.settle(running, 0)
+    assert (await rl.admit(key, 1, 1)).admitted
+    probe.close()
+    await rl.aclose()
+    await client.aclose()
