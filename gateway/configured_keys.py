@@ -143,8 +143,9 @@ class ConfiguredKeys:
                         key=key.name,
                         key_id=record.id if record else None,
                     )
-                elif record is None:
-                    log.info("configured api key was revoked; not registering it", key=key.name)
+                elif record is None and self._last.get(key.name, True) is not None:
+                    # Once per change, not on every readyz probe.
+                    log.warning("configured api key was revoked; not registering it", key=key.name)
         except ServiceUnavailable as exc:
             # Only an error that Redis answered (read-only, out of memory, no permission) is
             # the key's problem; a timeout is Redis being slow or away, which readyz's own
