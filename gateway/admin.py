@@ -7,6 +7,10 @@ Mount with `app.include_router(gateway.admin.router)`. The router reads its depe
 - `key_store`: the app's `gateway.keys.KeyStore`;
 - `policy_exists` (optional): `Callable[[str], bool]`; when present, unknown policy names get 400.
 
+`POST /admin/keys` with `"key": "sk-..."` imports an operator's own key (`sk-`, 20-256
+printable ASCII characters): 201 as for a new key, or 409 (`code: "key_exists"`, naming the
+existing id) when that key is stored already, so re-running an import is safe.
+
 Authentication is `Authorization: Bearer <GATEWAY_ADMIN_TOKEN>`; a wrong or missing token gets
 401. With no admin token configured the admin API is disabled and answers 404
 (`code: "admin_disabled"`), as if it did not exist: nothing to guess at, and the message says
@@ -27,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from gateway.auth import check_admin_token
 from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound
-from gateway.keys import KeyStore
+from gateway.keys import KeyStore, plain_key_problem
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -50,6 +54,9 @@ class _Body(BaseModel):
 
 class CreateKeyBody(_Body):
     name: Text
+    # An operator's own key to import (restoring keys from their records after Redis lost
+    # them); absent: a new key is generated.
+    key: Annotated[str, Field(max_length=1024)] | None = None
 
 
 class PatchKeyBody(_Body):
@@ -149,8 +156,12 @@ async def create_key(request: Request) -> JSONResponse:
     body = await _parse(request, CreateKeyBody)
     changes = _changes(request, body)
     name = changes.pop("name")
-    key, plain, _ = await _store(request).create(name, **changes)
-    # The only time the plain key leaves the gateway.
+    imported = changes.pop("key", None)
+    if imported is not None and (problem := plain_key_problem(imported)):
+        raise InvalidRequest(f"Invalid value for 'key': {problem}.", param="key")
+    # An imported key that exists already: 409 (code key_exists) naming its id.
+    key, plain, _ = await _store(request).create(name, plain_key=imported, **changes)
+    # The only time the plain key leaves the gateway (an imported one: echoed back).
     return JSONResponse({**key.public(), "key": plain}, status_code=201)
 
 

@@ -23,8 +23,9 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import admin
-from gateway.auth import AuthService, ensure_demo_key, register_bootstrap_key
+from gateway.auth import AuthService, ensure_demo_key
 from gateway.chat import ChatService, engine_failure
+from gateway.configured_keys import ConfiguredKeys
 from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.images import ImageLimits, ImageLoader
 from gateway.keys import KeyStore
@@ -156,18 +157,19 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         state.redis, state.key_store = redis_conn, key_store
         router = ModelRouter.from_settings(settings, lambda s: engine or build_engine(s))
         state.router = router
+        # The bootstrap key (and the demo's): registered now, restored if Redis loses it.
+        state.configured_keys = configured = ConfiguredKeys.from_settings(key_store, settings)
         state.auth = AuthService(
             key_store,
             canonical_model=router.canonical_model_id,
             failure_mode=settings.redis_failure_mode,
+            configured=configured,
         )
         state.limiter = RateLimiter.from_settings(
             settings, redis_conn.client, metrics=redis_metrics
         )
         # In the background: the gateway starts (and readyz reports Redis) while Redis is down.
-        bootstrap = asyncio.create_task(
-            register_bootstrap_key(key_store, settings, retry_interval_s=1.0)
-        )
+        bootstrap = asyncio.create_task(configured.register(retry_interval_s=1.0))
         state.guards = guards = await GuardServices.start(settings, metrics.registry)
         await router.start()
         images = ImageLoader(ImageLimits.from_settings(settings))
@@ -180,6 +182,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         state.moderations = ModerationService(settings, guards, images, router.routes[0].engine)
         if settings.demo_mode and not settings.bootstrap_key:
             demo_key = await ensure_demo_key(key_store, settings)
+            configured.add("demo", demo_key, setting="the demo key")
             print(demo_banner(settings, demo_key), file=sys.stderr)
         # What start-up built (torch, transformers, the guards: hundreds of thousands of
         # objects) lives as long as the process: take it out of the cyclic collector's sight.

@@ -1,4 +1,4 @@
-"""Request authentication, and the keys the gateway registers itself at start-up.
+"""Request authentication, and the demo's key.
 
 The chat route calls `AuthService.authenticate` (`Authorization: Bearer sk-...` -> `ApiKey`,
 or 401 / 403); the admin router uses `check_admin_token`. Error messages never echo the
@@ -14,39 +14,15 @@ from pathlib import Path
 
 import structlog
 
-from gateway.errors import AuthenticationFailed, PermissionDenied, ServiceUnavailable
-from gateway.keys import ApiKey, KeyStore, generate_key, read_or_create_private
+from gateway.configured_keys import ConfiguredKeys
+from gateway.errors import AuthenticationFailed, PermissionDenied
+from gateway.key_secret import read_or_create_private
+from gateway.keys import ApiKey, KeyStore, generate_key
 from gateway.redis_conn import limits_settings
 
 log = structlog.get_logger(__name__)
 
-BOOTSTRAP_MIN_LEN = 20
 DEMO_KEY_FILE = "demo_key"
-
-
-async def register_bootstrap_key(
-    store: KeyStore, settings: object, *, retry_interval_s: float | None = None
-) -> ApiKey | None:
-    """Register `GATEWAY_BOOTSTRAP_KEY` (idempotent; replicas may race safely). Call at start.
-
-    With `retry_interval_s`, waits for Redis instead of raising ServiceUnavailable (run it as
-    a background task so the gateway starts, and readyz reports Redis, while Redis is down).
-    """
-    plain: str | None = getattr(settings, "bootstrap_key", None)
-    if not plain:
-        return None
-    if len(plain) < BOOTSTRAP_MIN_LEN:
-        raise ValueError(f"GATEWAY_BOOTSTRAP_KEY must be at least {BOOTSTRAP_MIN_LEN} characters")
-    while True:
-        try:
-            key, _, created = await store.create("bootstrap", plain_key=plain)
-            break
-        except ServiceUnavailable:
-            if retry_interval_s is None:
-                raise
-            await asyncio.sleep(retry_interval_s)
-    log.info("bootstrap key ready", key_id=key.id, created=created)
-    return key
 
 
 async def ensure_demo_key(store: KeyStore, settings: object) -> str:
@@ -54,7 +30,9 @@ async def ensure_demo_key(store: KeyStore, settings: object) -> str:
     idempotently, so `gateway serve` can print the same ready key on every start."""
     path = Path(getattr(settings, "state_dir")) / DEMO_KEY_FILE  # noqa: B009
     plain = await asyncio.to_thread(read_or_create_private, path, generate_key)
-    await store.create("demo", plain_key=plain)
+    record, _ = await store.restore("demo", plain)
+    if record is None:
+        log.warning("the demo key was revoked; import it again to use it", path=str(path))
     return plain
 
 
@@ -67,10 +45,13 @@ class AuthService:
         *,
         canonical_model: Callable[[str], str | None] | None = None,
         failure_mode: str = "closed",
+        configured: ConfiguredKeys | None = None,
     ) -> None:
         self.store = store
         self.canonical_model = canonical_model
         self.fail_open = failure_mode == "open"
+        # The bootstrap / demo key, restored on a miss (Redis lost its data).
+        self.configured = configured
 
     @classmethod
     def from_settings(cls, store: KeyStore, settings: object) -> AuthService:
@@ -93,6 +74,8 @@ class AuthService:
                 "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
             )
         key = await self.store.lookup(token, stale_ok=self.fail_open)
+        if key is None and self.configured is not None:
+            key = await self.configured.recover(token)
         if key is None:
             raise AuthenticationFailed(
                 "Incorrect API key provided. Ask your gateway operator for a valid key."

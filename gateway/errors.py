@@ -96,3 +96,11 @@ class ServiceUnavailable(GatewayError):
     status_code = 503
     error_type = "server_error"
     code = "service_unavailable"
+
+
+class KeyConflict(GatewayError):
+    """409: what the request would create exists already (an imported API key)."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "conflict"

@@ -1,12 +1,13 @@
-"""API keys: generation, keyed-hash storage in Redis, cached lookup, the hashing secret.
+"""API keys: generation, keyed-hash storage in Redis, cached lookup (secret: `gateway.key_secret`).
 
 The plain key (`sk-` + 32 random bytes, url-safe) is shown once and never stored: Redis holds
 HMAC-SHA256(secret, key) only, so a Redis dump alone cannot be replayed as credentials.
-Layout (both hashes share the `{keys}` hash tag, i.e. one Cluster slot, so one Lua script
-can update them together):
+Layout (all share the `{keys}` hash tag, i.e. one Cluster slot, so one Lua script can update
+them together):
 
     <prefix>:{keys}:records   id -> JSON record
     <prefix>:{keys}:by_hash   hex HMAC -> id
+    <prefix>:{keys}:revoked   set of the hex HMACs of deleted keys (see `KeyStore.restore`)
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -26,13 +27,19 @@ from typing import Any
 import redis.asyncio as aioredis
 import structlog
 
-from gateway.errors import ServiceUnavailable
+from gateway.errors import KeyConflict, ServiceUnavailable
+from gateway.key_secret import load_key_secret
 from gateway.redis_conn import REDIS_ERRORS, RedisMetrics, limits_settings, with_deadline
+from gateway.redis_scripts import load_lua_scripts
 
 log = structlog.get_logger(__name__)
 
 KEY_PREFIX = "sk-"
-SECRET_FILE = "key_secret"
+# Keys given by an operator (the bootstrap key, imported keys): `sk-`, then printable ASCII
+# without spaces (they travel in an HTTP header), 20 to 256 characters in all.
+PLAIN_KEY_MIN_LEN = 20
+PLAIN_KEY_MAX_LEN = 256
+_PLAIN_KEY = re.compile(r"sk-[!-~]+")
 _CACHE_MAX = 10_000
 # In fail-open mode a key validated this recently still authenticates while Redis is down.
 _STALE_S = 600.0
@@ -48,6 +55,20 @@ DEFAULT: Any = _Default()  # "use the limit from settings" (None means unlimited
 
 def generate_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def plain_key_problem(plain: str) -> str | None:
+    """Why an operator-given key is not acceptable, or None. Never repeats the key."""
+    if not plain.startswith(KEY_PREFIX):
+        return f"an API key must start with '{KEY_PREFIX}'"
+    if not PLAIN_KEY_MIN_LEN <= len(plain) <= PLAIN_KEY_MAX_LEN:
+        return (
+            f"an API key must be {PLAIN_KEY_MIN_LEN} to {PLAIN_KEY_MAX_LEN} characters long "
+            f"(this one has {len(plain)})"
+        )
+    if not _PLAIN_KEY.fullmatch(plain):
+        return "an API key may contain only printable ASCII characters, without spaces"
+    return None
 
 
 def _utc(ts: float | None) -> datetime | None:
@@ -139,76 +160,7 @@ class LimitDefaults:
     max_concurrency: int | None = None
 
 
-def load_key_secret(settings: object) -> bytes:
-    """`GATEWAY_KEY_SECRET`, else `<state_dir>/key_secret`, created once with mode 0600.
-
-    Every replica and the CLI must hash with the same secret: set GATEWAY_KEY_SECRET (or share
-    the state directory) in multi-replica deployments.
-    """
-    configured: str | None = getattr(settings, "key_secret", None)
-    if configured:
-        if len(configured) < 16:
-            log.warning("GATEWAY_KEY_SECRET is short; use at least 32 random characters")
-        return configured.encode()
-    path = Path(getattr(settings, "state_dir")) / SECRET_FILE  # noqa: B009
-    return read_or_create_private(path, lambda: secrets.token_urlsafe(48)).encode()
-
-
-def read_or_create_private(path: Path, make: Callable[[], str]) -> str:
-    """A private (0600) file's content, created with `make()` by the first process to try."""
-    for _ in range(50):
-        if path.exists():
-            value = path.read_text().strip()
-            if value:
-                if path.stat().st_mode & 0o077:
-                    log.warning("private file is readable by others", path=str(path))
-                return value
-            time.sleep(0.01)  # another process is writing it
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # Write a private temp file, then link it into place: creation is atomic and the
-        # first process wins when several start at once.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(make() + "\n")
-        try:
-            os.link(tmp, path)
-            log.info("created private file", path=str(path))
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-    raise RuntimeError(f"cannot read {path}")
-
-
-_CREATE = """
-local existing = redis.call('HGET', KEYS[2], ARGV[2])
-if existing and redis.call('HEXISTS', KEYS[1], existing) == 1 then
-  return {0, existing}
-end
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-return {1, ARGV[1]}
-"""
-_LOOKUP = """
-local id = redis.call('HGET', KEYS[2], ARGV[1])
-if not id then return false end
-return redis.call('HGET', KEYS[1], id)
-"""
-_REPLACE = """
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-return 1
-"""
-_DELETE = """
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-if not raw then return 0 end
-local h = cjson.decode(raw)['key_hash']
-redis.call('HDEL', KEYS[1], ARGV[1])
-if h and redis.call('HGET', KEYS[2], h) == ARGV[1] then redis.call('HDEL', KEYS[2], h) end
-return 1
-"""
+_SCRIPTS = load_lua_scripts(Path(__file__).with_name("keys.lua"))
 
 _MUTABLE = {"name", "expires_at", "disabled", "rpm", "tpm", "max_concurrency", "models", "policy"}
 
@@ -245,10 +197,11 @@ class KeyStore:
         self.metrics = metrics
         self._records = f"{prefix}:{{keys}}:records"
         self._by_hash = f"{prefix}:{{keys}}:by_hash"
-        self._create = client.register_script(_CREATE)
-        self._lookup = client.register_script(_LOOKUP)
-        self._replace = client.register_script(_REPLACE)
-        self._delete = client.register_script(_DELETE)
+        self._revoked = f"{prefix}:{{keys}}:revoked"
+        self._create = client.register_script(_SCRIPTS["create"])
+        self._lookup = client.register_script(_SCRIPTS["lookup"])
+        self._replace = client.register_script(_SCRIPTS["replace"])
+        self._delete = client.register_script(_SCRIPTS["delete"])
         self._cache: dict[str, _Entry] = {}
 
     @classmethod
@@ -299,9 +252,57 @@ class KeyStore:
         expires_at: datetime | None = None,
         plain_key: str | None = None,
     ) -> tuple[ApiKey, str, bool]:
-        """Store a key; returns (record, plain key, created). Idempotent for a given plain key."""
+        """Store a new key; returns (record, plain key, True).
+
+        `plain_key` imports an operator's own key (restoring keys from their records after
+        Redis lost them): it must pass `plain_key_problem` (else ValueError), and a key that
+        is already stored raises `KeyConflict` (409) naming the existing id. An import lifts
+        a revocation of the same key.
+        """
+        if plain_key is not None and (problem := plain_key_problem(plain_key)):
+            raise ValueError(problem)
         plain = plain_key or generate_key()
-        key = ApiKey(
+        key = self._new_record(name, plain, rpm, tpm, max_concurrency, models, policy, expires_at)
+        status, key_id = await self._put(key, "import" if plain_key else "new")
+        if status == 0:
+            raise KeyConflict(
+                f"An API key with this value already exists (id '{key_id}').",
+                param="key",
+                code="key_exists",
+            )
+        log.info("api key created", key_id=key.id, name=name, imported=plain_key is not None)
+        return key, plain, True
+
+    async def restore(self, name: str, plain: str) -> tuple[ApiKey | None, bool]:
+        """Register a key of the gateway's own configuration (the bootstrap key, the demo's)
+        unless it is there already; idempotent, so replicas may race. Returns (record,
+        created), or (None, False) when the key was revoked through the API or the CLI: a
+        revocation stands until the key is imported again (`create(plain_key=...)`), while a
+        Redis that lost its data (the revocation with it) gets the key back."""
+        key = self._new_record(name, plain, DEFAULT, DEFAULT, DEFAULT, None, None, None)
+        status, key_id = await self._put(key, "restore")
+        if status < 0:
+            return None, False
+        if status == 0:
+            existing = await self.get(key_id)
+            if existing is None:  # deleted in between; vanishingly unlikely
+                raise ServiceUnavailable("The API key changed concurrently; try again.")
+            return existing, False
+        log.info("api key registered", key_id=key.id, name=name)
+        return key, True
+
+    def _new_record(
+        self,
+        name: str,
+        plain: str,
+        rpm: int | None,
+        tpm: int | None,
+        max_concurrency: int | None,
+        models: list[str] | tuple[str, ...] | None,
+        policy: str | None,
+        expires_at: datetime | None,
+    ) -> ApiKey:
+        return ApiKey(
             id="key_" + secrets.token_hex(12),
             name=name,
             key_hash=self.hash_key(plain),
@@ -316,18 +317,15 @@ class KeyStore:
             models=tuple(models) if models else None,
             policy=policy,
         )
-        keys = [self._records, self._by_hash]
-        created, key_id = await self._call(
-            "key_create", self._create(keys=keys, args=[key.id, key.key_hash, key.to_json()])
+
+    async def _put(self, key: ApiKey, mode: str) -> tuple[int, str]:
+        keys = [self._records, self._by_hash, self._revoked]
+        status, key_id = await self._call(
+            "key_create", self._create(keys=keys, args=[key.id, key.key_hash, key.to_json(), mode])
         )
-        if not created:
-            existing = await self.get(key_id)
-            if existing is None:  # deleted in between; vanishingly unlikely
-                raise ServiceUnavailable("The API key changed concurrently; try again.")
-            return existing, plain, False
-        self._cache.clear()  # drop a cached "unknown key" for this hash
-        log.info("api key created", key_id=key.id, name=name)
-        return key, plain, True
+        if int(status) > 0:
+            self._cache.clear()  # drop a cached "unknown key" for this hash
+        return int(status), str(key_id)
 
     async def get(self, key_id: str) -> ApiKey | None:
         raw = await self._call("key_get", self.client.hget(self._records, key_id))
@@ -362,7 +360,8 @@ class KeyStore:
 
     async def delete(self, key_id: str) -> bool:
         deleted = await self._call(
-            "key_delete", self._delete(keys=[self._records, self._by_hash], args=[key_id])
+            "key_delete",
+            self._delete(keys=[self._records, self._by_hash, self._revoked], args=[key_id]),
         )
         self._cache.clear()
         if deleted:

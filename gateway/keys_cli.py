@@ -18,7 +18,7 @@ import structlog
 import typer
 
 from gateway.errors import GatewayError
-from gateway.keys import DEFAULT, ApiKey, KeyStore
+from gateway.keys import DEFAULT, ApiKey, KeyStore, plain_key_problem
 from gateway.logging import configure_logging
 from gateway.redis_conn import RedisConnection
 from gateway.settings import Settings
@@ -90,11 +90,21 @@ def create(
     expires_at: Annotated[
         str | None, typer.Option(help="RFC 3339 expiry, e.g. 2030-01-01T00:00:00Z")
     ] = None,
+    key: Annotated[
+        str | None,
+        typer.Option(
+            "--key",
+            help="Import this key (sk-..., e.g. from your records after Redis lost its data) "
+            "instead of generating one; '-' reads it from stdin",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the record as JSON")] = False,
 ) -> None:
-    """Create a key and print it (shown only this once)."""
+    """Create a key and print it (shown only this once), or import a known key (--key) and
+    print its id. Importing a key that is stored already fails (exit 1) naming its id."""
     allowed = [m.strip() for item in models or [] for m in item.split(",") if m.strip()]
     expiry = _time(expires_at)
+    imported = _imported_key(key)
 
     async def op(store: KeyStore) -> tuple[ApiKey, str, bool]:
         return await store.create(
@@ -105,14 +115,35 @@ def create(
             models=allowed or None,
             policy=policy,
             expires_at=expiry,
+            plain_key=imported,
         )
 
-    key, plain, _ = _run(op)
-    if as_json:
-        typer.echo(json.dumps({**key.public(), "key": plain}, indent=2))
+    record, plain, _ = _run(op)
+    if imported is not None:
+        # The operator has the key already: print the new id, never the key again.
+        if as_json:
+            typer.echo(json.dumps(record.public(), indent=2))
+            return
+        typer.echo(f"Imported {record.id} ({record.name}); {_limits(record)}.", err=True)
+        typer.echo(record.id)
         return
-    typer.echo(f"Created {key.id} ({key.name}); {_limits(key)}. Store the key now:", err=True)
+    if as_json:
+        typer.echo(json.dumps({**record.public(), "key": plain}, indent=2))
+        return
+    typer.echo(
+        f"Created {record.id} ({record.name}); {_limits(record)}. Store the key now:", err=True
+    )
     typer.echo(plain)
+
+
+def _imported_key(value: str | None) -> str | None:
+    """The --key value ('-': the first line of stdin), checked; never echoed in errors."""
+    if value is None:
+        return None
+    plain = typer.get_text_stream("stdin").readline().strip() if value == "-" else value
+    if problem := plain_key_problem(plain):
+        raise typer.BadParameter(problem, param_hint="--key")
+    return plain
 
 
 @app.command("list")

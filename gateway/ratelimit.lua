@@ -78,11 +78,11 @@ if conc > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
   local ccount = redis.call('ZCARD', KEYS[4])
   if ccount >= conc then
-    -- slots free when requests end, which we cannot foresee: suggest 1 s, or sooner when
-    -- a lease runs out before that
+    -- the soonest a slot can free for sure: when the oldest lease expires (a dead holder's
+    -- does then; a live request may end sooner, or keep renewing)
     local e = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
     if limited == 0 then limited = 3 end
-    retry = math.max(retry, math.min(1000, tonumber(e[2]) - now))
+    retry = math.max(retry, tonumber(e[2]) - now)
   end
 end
 
@@ -149,12 +149,18 @@ end
 return 1
 
 -- @script renew
--- ARGV: request_id lease_ms. Extends a live lease; 0 when it had expired (slot may be reused).
+-- KEYS[1] <p>:{id}:cc. ARGV: lease_ms request_id... Extends the leases of live requests, and
+-- puts back any that is gone (Redis lost its data) or expired (a stall outlived it): the
+-- requests still run, so the count stays true. Returns how many were gone or expired.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not score or tonumber(score) <= now then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+local expiry = now + tonumber(ARGV[1])
+local lost = 0
+for i = 2, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if not score or tonumber(score) <= now then lost = lost + 1 end
+  redis.call('ZADD', KEYS[1], expiry, ARGV[i])
+end
 local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
 redis.call('PEXPIREAT', KEYS[1], tonumber(last[2]))
-return 1
+return lost

@@ -11,21 +11,22 @@ replicas with skewed clocks agree. Per API key (one Cluster slot via the `{id}` 
     <p>:{id}:cc   sorted set: request id -> lease expiry (ms); concurrency slots
 
 `settle` (also one round trip) replaces the reservation by the real token count and frees the
-slot. A slot whose replica died expires with its lease; long streams `renew` it.
+slot. A lease expires `lease_ms` (GATEWAY_CONCURRENCY_LEASE_TTL_S, 10 s) after admission unless
+renewed: the process's `LeaseKeeper` renews every lease it holds every third of that, from
+admission to settle, so a dead replica's slots free within one lease time. A concurrency 429's
+Retry-After is the time until the oldest lease expires (rounded up to whole seconds).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
-import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Coroutine
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 import structlog
@@ -33,8 +34,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import RateLimited, ServiceUnavailable
 from gateway.keys import ApiKey
+from gateway.leases import LeaseKeeper
 from gateway.redis_conn import REDIS_ERRORS, RedisMetrics, key_name, limits_settings
-from gateway.redis_scripts import ScriptRunner
+from gateway.redis_scripts import ScriptRunner, load_lua_scripts
 
 log = structlog.get_logger(__name__)
 
@@ -42,14 +44,7 @@ Limit = Literal["requests", "tokens", "concurrency"]
 _LIMITS: tuple[Limit, ...] = ("requests", "tokens", "concurrency")
 
 
-def _load_scripts() -> dict[str, str]:
-    """The Lua scripts in ratelimit.lua, by the name after each `-- @script` line."""
-    text = (Path(__file__).parent / "ratelimit.lua").read_text()
-    parts = re.split(r"^-- @script (\w+)\n", text, flags=re.M)
-    return dict(zip(parts[1::2], parts[2::2], strict=True))
-
-
-_SCRIPTS = _load_scripts()
+_SCRIPTS = load_lua_scripts(Path(__file__).with_name("ratelimit.lua"))
 
 
 def format_duration(ms: float) -> str:
@@ -142,7 +137,7 @@ class RateLimiter:
         *,
         prefix: str = "gw",
         window_ms: int = 60_000,
-        lease_ms: int = 60_000,
+        lease_ms: int = 10_000,
         deadline_s: float = 0.2,
         failure_mode: str = "closed",
         metrics: RedisMetrics | None = None,
@@ -150,13 +145,14 @@ class RateLimiter:
         self.client = client
         self.prefix = prefix
         self.window_ms = window_ms  # tests shorten it; 60 s in production
-        self.lease_ms = lease_ms
+        self.lease_ms = lease_ms  # renewed every third of it while the request runs
         self.deadline_s = deadline_s
         self.fail_open = failure_mode == "open"
         self.metrics = metrics
         self._scripts = ScriptRunner(client, _SCRIPTS)
         self._last_open_log = 0.0
         self._compensating: set[asyncio.Task[None]] = set()
+        self.leases = LeaseKeeper(self._renew_leases, interval_s=lease_ms / 3000)
 
     @classmethod
     def from_settings(
@@ -221,6 +217,8 @@ class RateLimiter:
             adm.remaining_tokens = max(0, key.tpm - tsum)
         if ok:
             adm.holds_slot = key.max_concurrency is not None
+            if adm.holds_slot:
+                self.leases.hold(key.id, adm.request_id, adm)
             if self.metrics is not None:
                 self.metrics.admissions.inc()
             return adm
@@ -269,17 +267,23 @@ class RateLimiter:
         adm.reserved_tokens = 0
         return adm
 
-    async def settle(self, admission: Admission, used_tokens: int) -> None:
+    def settle(self, admission: Admission, used_tokens: int) -> Coroutine[Any, Any, None]:
         """Settle the reservation to `used_tokens` and free the slot. Never raises.
 
         Call exactly once per admitted request, whatever the outcome (success, error, client
-        disconnect, content filter); pass 0 when nothing was processed.
+        disconnect, content filter); pass 0 when nothing was processed. The lease stops being
+        renewed at once, at the call; the returned coroutine (await it, or run it as a task)
+        does the Redis part.
         """
         if admission.settled or not admission.admitted:
-            return
+            return _nothing()
         admission.settled = True
+        self.leases.drop(admission.request_id)
         if admission.degraded or (not admission.holds_slot and not admission.reserved_tokens):
-            return
+            return _nothing()
+        return self._settle(admission, used_tokens)
+
+    async def _settle(self, admission: Admission, used_tokens: int) -> None:
         args: list[str | int] = [
             admission.request_id,
             admission.reserved_tokens,
@@ -302,46 +306,35 @@ class RateLimiter:
             log.warning("settle failed", key_id=admission.key_id, error=type(exc).__name__)
 
     async def renew(self, admission: Admission) -> bool:
-        """Extend the concurrency lease (heartbeat for long streams); False if it was lost."""
+        """Renew one lease now (the keeper renews them all every lease/3); False when Redis no
+        longer had it (it is back now) or the renewal failed."""
         if not admission.holds_slot or admission.settled:
             return True
         try:
-            keys = [key_name(self.prefix, admission.key_id, "cc")]
-            res = await self._scripts.run(
-                "renew", keys, [admission.request_id, self.lease_ms], self.deadline_s
+            return await self._renew_leases(admission.key_id, [admission.request_id]) == 0
+        except REDIS_ERRORS:
+            return False
+
+    async def _renew_leases(self, key_id: str, request_ids: list[str]) -> int:
+        """Extend these leases of one API key (one script call); how many Redis had lost."""
+        keys = [key_name(self.prefix, key_id, "cc")]
+        try:
+            lost = await self._scripts.run(
+                "renew",
+                keys,
+                [self.lease_ms, *request_ids],
+                max(self.deadline_s, SETTLE_DEADLINE_S),
             )
-        except REDIS_ERRORS as exc:
+        except REDIS_ERRORS:
             if self.metrics is not None:
                 self.metrics.redis_errors.labels("renew").inc()
-            log.warning("lease renewal failed", key_id=admission.key_id, error=type(exc).__name__)
-            return False
-        return bool(res)
+            raise  # the keeper logs one line per beat, not one per API key
+        return int(lost)
 
     async def aclose(self) -> None:
+        await self.leases.aclose()
         await self._scripts.aclose()
 
-    def start_heartbeat(self, admission: Admission) -> asyncio.Task[None] | None:
-        """Renew the lease every lease/3 until the returned task is cancelled; None (nothing to
-        renew, no task) when the admission holds no concurrency slot."""
-        if not admission.holds_slot:
-            return None
 
-        async def beat() -> None:
-            while True:
-                await asyncio.sleep(self.lease_ms / 3000)
-                if not await self.renew(admission):
-                    log.warning("concurrency lease lost", key_id=admission.key_id)
-
-        return asyncio.get_running_loop().create_task(beat())
-
-    @contextlib.asynccontextmanager
-    async def heartbeat(self, admission: Admission) -> AsyncIterator[None]:
-        """Renew the lease every lease/3 while the body runs (wrap long streams in this)."""
-        task = self.start_heartbeat(admission)
-        try:
-            yield
-        finally:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+async def _nothing() -> None:
+    return None

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any, cast
 
 import hiredis
@@ -36,6 +38,12 @@ from redis.exceptions import NoScriptError, ResponseError
 
 # Calls waiting this long with no reply at all: the connection is taken for dead.
 STALE_S = 5.0
+
+
+def load_lua_scripts(path: Path) -> dict[str, str]:
+    """The Lua scripts in a file, by the name after each `-- @script NAME` line."""
+    parts = re.split(r"^-- @script (\w+)\n", path.read_text(), flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
 
 
 class _Pipe(asyncio.Protocol):

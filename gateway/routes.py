@@ -59,8 +59,8 @@ class ChatCompletions:
             await self._fail(exc, scope, receive, send)
             return
         # Admitted: from here on the reservation is settled exactly once, whatever happens.
+        # (Its concurrency lease, if any, is renewed by the limiter's LeaseKeeper until then.)
         limiter: RateLimiter = state.limiter
-        beat = limiter.start_heartbeat(adm)
         try:
             if chat.request.stream:
                 await self._stream(state.chat, chat, headers, scope, receive, send)
@@ -77,8 +77,6 @@ class ChatCompletions:
             await send({"type": "http.response.start", "status": 200, "headers": raw})
             await send({"type": "http.response.body", "body": body})
         finally:
-            if beat is not None:
-                beat.cancel()
             _settle_later(state, limiter, adm, chat.used_tokens)
 
     async def _stream(
@@ -272,6 +270,8 @@ async def readyz(request: Request) -> Response:
         reasons["redis"] = "redis is not connected"
     elif (problem := await redis.check()) is not None:
         reasons["redis"] = problem
+    elif (keys := getattr(state, "configured_keys", None)) and (problem := await keys.check()):
+        reasons["bootstrap_key"] = problem  # e.g. Redis read-only or full: no key, all 401
     guards: GuardServices | None = getattr(state, "guards", None)
     if guards is None:
         reasons["policies"] = "policies are not loaded"
@@ -279,7 +279,8 @@ async def readyz(request: Request) -> Response:
         ok, why = guards.ready()
         if not ok:
             reasons["policies"] = why
-    checks = {name: name not in reasons for name in ("engine", "redis", "policies")}
+    names = ("engine", "redis", "bootstrap_key", "policies")
+    checks = {name: name not in reasons for name in names}
     if not reasons:
         return JSONResponse({"status": "ready", "checks": checks})
     return JSONResponse(

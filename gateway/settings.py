@@ -31,8 +31,9 @@ class LimitsSettings(BaseSettings):
     default_max_concurrency: PositiveInt | None = None
     # In-process key cache; <= 1 s keeps revocation visible on every replica within 2 s.
     key_cache_ttl_s: float = Field(default=1.0, ge=0, le=1.0)
-    # A concurrency slot expires this long after admission unless renewed (dead replicas).
-    concurrency_lease_ttl_s: PositiveFloat = 60.0
+    # A concurrency slot expires this long after admission unless renewed; each process
+    # renews its live requests' slots every third of it, so a dead replica's free within it.
+    concurrency_lease_ttl_s: PositiveFloat = 10.0
 
 
 class Settings(LimitsSettings):

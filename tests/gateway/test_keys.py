@@ -15,9 +15,11 @@ import redis.asyncio as aioredis
 import structlog
 from typer.testing import CliRunner
 
-from gateway.auth import AuthService, ensure_demo_key, register_bootstrap_key
+from gateway.auth import AuthService, ensure_demo_key
+from gateway.configured_keys import ConfiguredKeys
 from gateway.errors import AuthenticationFailed, PermissionDenied
-from gateway.keys import KeyStore, LimitDefaults, load_key_secret
+from gateway.key_secret import load_key_secret
+from gateway.keys import KeyStore, LimitDefaults
 from gateway.keys_cli import app as keys_app
 from gateway.redis_conn import make_client
 from gateway.settings import Settings
@@ -160,16 +162,37 @@ async def test_defaults_from_settings_or_env(
 async def test_bootstrap_idempotent(client: aioredis.Redis, prefix: str) -> None:
     plain = "sk-bootstrap-" + secrets.token_hex(8)
     settings = SimpleNamespace(bootstrap_key=plain)
-    stores = [store_for(client, prefix) for _ in range(3)]
+    replicas = [ConfiguredKeys.from_settings(store_for(client, prefix), settings) for _ in range(3)]
     # Three replicas starting at once register one key.
-    keys = await asyncio.gather(*(register_bootstrap_key(s, settings) for s in stores))
-    again = await register_bootstrap_key(stores[0], settings)
-    assert again is not None and {k.id for k in keys if k} == {again.id}
-    assert len(await stores[0].list()) == 1
-    assert (await stores[1].lookup(plain)) == again
-    assert await register_bootstrap_key(stores[0], SimpleNamespace(bootstrap_key=None)) is None
-    with pytest.raises(ValueError):
-        await register_bootstrap_key(stores[0], SimpleNamespace(bootstrap_key="sk-short"))
+    keys = await asyncio.gather(*(r.register() for r in replicas))
+    again = (await replicas[0].register())["bootstrap"]
+    assert again is not None and {k["bootstrap"].id for k in keys if k["bootstrap"]} == {again.id}
+    assert len(await replicas[0].store.list()) == 1
+    assert (await replicas[1].store.lookup(plain)) == again
+    assert await replicas[0].check() is None
+    unset = ConfiguredKeys.from_settings(replicas[0].store, SimpleNamespace(bootstrap_key=None))
+    assert not unset and await unset.register() == {} and await unset.check() is None
+
+
+@pytest.mark.parametrize(
+    ("plain", "why"),
+    [
+        ("sk-short", "20 to 256 characters"),
+        ("pk-" + "x" * 30, "must start with 'sk-'"),
+        ("sk-" + "x" * 20 + " y", "printable ASCII"),
+        ("sk-" + "x" * 300, "20 to 256 characters"),
+    ],
+)
+async def test_invalid_bootstrap_key_is_reported_never_registered(
+    client: aioredis.Redis, prefix: str, plain: str, why: str
+) -> None:
+    store = store_for(client, prefix)
+    keys = ConfiguredKeys.from_settings(store, SimpleNamespace(bootstrap_key=plain))
+    assert await keys.register() == {}
+    problem = await keys.check()
+    assert problem is not None and "GATEWAY_BOOTSTRAP_KEY is invalid" in problem and why in problem
+    assert plain not in problem
+    assert await store.list() == []
 
 
 async def test_demo_key_is_stable(client: aioredis.Redis, prefix: str, tmp_path: Path) -> None:
