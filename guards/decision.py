@@ -59,6 +59,10 @@ class Decision:
     # Guards that ran (failed ones included) with their latency in seconds.
     latencies: dict[str, float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    # Category -> the highest score a guard gave it, and the guards that reported it (for the
+    # audit log and the workbench's dry run: which guard decided).
+    scores: dict[str, float] = field(default_factory=dict)
+    sources: dict[str, list[str]] = field(default_factory=dict)
 
     def content_filter_results(self) -> dict[str, Any]:
         """For a choice (`choices[i].content_filter_results`)."""
@@ -108,13 +112,15 @@ def decide(
     ran_names = set(ran) if ran is not None else {v.guard for v in verdicts}
     severities: dict[str, Severity] = {}
     sources: dict[str, set[str]] = {}
+    scores: dict[str, float] = {}
     blocklist_matches: dict[str, set[str]] = {}
     errors: dict[str, str] = {}
     latencies: dict[str, float] = {}
 
-    def note(category: str, severity: Severity, guard: str) -> None:
+    def note(category: str, severity: Severity, guard: str, score: float) -> None:
         severities[category] = _max_severity(severities.get(category), severity)
         sources.setdefault(category, set()).add(guard)
+        scores[category] = max(scores.get(category, 0.0), score)
 
     for verdict in verdicts:
         latencies[verdict.guard] = verdict.latency_s
@@ -137,16 +143,16 @@ def decide(
             if key in _CODES:
                 target = policy.llama_guard_target(key)
                 if target is None:
-                    note(key, severity, verdict.guard)
+                    note(key, severity, verdict.guard, cat.score)
                 elif not policy.is_excluded(target):
-                    note(target, severity, verdict.guard)
+                    note(target, severity, verdict.guard, cat.score)
                 continue
             if key in _SEVERITY:
                 if not has_codes:
-                    note(key, severity, verdict.guard)
+                    note(key, severity, verdict.guard, cat.score)
                 continue
             if key in _DETECTION:
-                note(key, severity, verdict.guard)
+                note(key, severity, verdict.guard, cat.score)
             # Any other key is not a category this gateway reports; it is ignored.
 
     result = CategoryVerdicts()
@@ -178,6 +184,8 @@ def decide(
         # A match from a list this policy does not define (a guard's own list) annotates.
         action = settings.action if settings is not None else "annotate"
         hits[BLOCKLIST_PREFIX + name] = action
+        scores[BLOCKLIST_PREFIX + name] = 1.0
+        sources[BLOCKLIST_PREFIX + name] = set(guards_seen)
         result.blocklists[name] = action == "block"
         if action == "block":
             blocked = True
@@ -207,4 +215,6 @@ def decide(
         errors=errors,
         latencies=latencies,
         skipped=list(skipped),
+        scores=scores,
+        sources={category: sorted(guards) for category, guards in sources.items()},
     )
