@@ -99,10 +99,6 @@ def audit_entry(
         }
         for category, action in decision.hits.items()
     }
-    deciders = sorted(
-        {g for c, a in decision.hits.items() if a == "block" for g in decision.sources.get(c, [])}
-        | ({g for g in decision.errors} if decision.blocked else set())
-    )
     entry: dict[str, Any] = {
         "time": datetime.fromtimestamp(now or time.time(), UTC).isoformat(timespec="milliseconds"),
         "request_id": context.request_id if context else None,
@@ -114,7 +110,7 @@ def audit_entry(
         "stage": decision.stage,
         "action": "blocked" if decision.blocked else "annotated",
         "categories": categories,
-        "decided_by": deciders,
+        "decided_by": decision.deciders(),
         "guard_latency_ms": {g: round(s * 1000, 3) for g, s in decision.latencies.items()},
         "guard_errors": dict(decision.errors),
     }

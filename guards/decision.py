@@ -80,6 +80,14 @@ class Decision:
                 message = f"{message} Reasons: {'; '.join(self.reasons)}."
         return content_filter_error_body(self.verdicts, message)
 
+    def deciders(self) -> list[str]:
+        """The guards that made this a block: whose findings hit a blocking rule, or whose
+        failure blocked."""
+        found = {g for c, a in self.hits.items() if a == "block" for g in self.sources.get(c, [])}
+        if self.blocked:
+            found.update(self.errors)
+        return sorted(found)
+
     def log_fields(self) -> dict[str, Any]:
         """For a structured log line (no text)."""
         return {
