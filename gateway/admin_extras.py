@@ -7,6 +7,6 @@ from fastapi import APIRouter
 
 
 def admin_extras() -> list[APIRouter]:
-    from gateway import admin_policies, audit_api
+    from gateway import admin_policies, audit_api, workbench
 
-    return [audit_api.router, admin_policies.router]
+    return [audit_api.router, admin_policies.router, workbench.router]
