@@ -152,12 +152,14 @@ class AuditLog:
         max_age_s: float = 7 * 24 * 3600,
         queue_size: int = 10_000,
         batch_size: int = 256,
+        retry_pause_s: float = 0.5,
     ) -> None:
         self.client = client
         self.stream_key = stream_key
         self.max_len = max_len
         self.max_age_s = max_age_s
         self.batch_size = batch_size
+        self.retry_pause_s = retry_pause_s
         self.metrics = AuditMetrics(registry or CollectorRegistry())
         self._queue: deque[str] = deque()
         self._queue_size = queue_size
@@ -250,6 +252,9 @@ class AuditLog:
                 log.warning(
                     "audit_write_failed", entries=len(batch), error=str(exc) or type(exc).__name__
                 )
+                # A Redis that is down refuses at once: do not retry in a tight loop (entries
+                # queue meanwhile, and beyond the bound are dropped and counted).
+                await asyncio.sleep(self.retry_pause_s)
 
     async def _write(self, batch: list[str]) -> None:
         pipe = self.client.pipeline(transaction=False)

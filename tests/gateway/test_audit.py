@@ -259,3 +259,16 @@ async def test_cli_tail_and_follow(
     finally:
         follow.kill()
         follow.wait(10)
+
+
+async def test_a_full_queue_drops_and_counts(client: aioredis.Redis, prefix: str) -> None:
+    log = AuditLog(client, f"{prefix}:audit", queue_size=3)
+    p = policy()
+    decision = await decide(p, "GATEWAY-CANARY-BLOCK")
+    for _ in range(5):  # the writer is not started: nothing drains the queue
+        log.record(decision, p, ctx())
+    assert log.metrics.dropped.labels("queue_full")._value.get() == 2
+    log.start()
+    await log.stop()
+    assert await client.xlen(log.stream_key) == 3
+    assert log.metrics.written._value.get() == 3
