@@ -25,6 +25,16 @@ MODEL = "meta-llama/llama-3.2-11b-vision-instruct"
 ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
 PROJECT_POLICIES = Path(__file__).resolve().parents[2] / "policies"
 CANARY = "GATEWAY-CANARY-BLOCK"
+# Annotates every answer (any letter), and keeps a 10-character content sample.
+WATCH_OUTPUT = """\
+name: watch-output
+version: "1"
+guards:
+  blocklist: {stages: [input, output]}
+custom_blocklists:
+  - {name: letters, regexes: ['[a-z]'], stage: output, action: annotate}
+audit: {include_content: true, max_chars: 10}
+"""
 
 
 def chat(base: str, text: str, request_id: str | None = None) -> httpx.Response:
@@ -39,6 +49,7 @@ def make_server(gateway_settings: Any, tmp: pytest.TempPathFactory, **update: An
     policies = tmp.mktemp("policies")
     for path in PROJECT_POLICIES.glob("*.yaml"):
         shutil.copy(path, policies / path.name)
+    (policies / "watch-output.yaml").write_text(WATCH_OUTPUT)
     settings = gateway_settings.model_copy(
         update={"policy_dir": policies, "state_dir": tmp.mktemp("state"), **update}
     )
@@ -174,3 +185,38 @@ def test_refusing_audit_redis_changes_no_response(
         assert dropped >= 1
         # Reading the audit log from a Redis that does not answer is a clear 503.
         assert audit(live.base_url).status_code == 503
+
+
+def test_streamed_answer_audited_once_with_its_sample(server: str) -> None:
+    import json
+
+    created = httpx.post(
+        server + "/admin/keys", json={"name": "watcher", "policy": "watch-output"}, headers=ADMIN
+    )
+    assert created.status_code == 201, created.text
+    key = created.json()["key"]
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Tell me a long story"}],
+        "max_tokens": 16,
+        "stream": True,
+    }
+    headers = {"Authorization": f"Bearer {key}", "x-request-id": "req-stream-watch"}
+    with httpx.stream(
+        "POST", server + "/v1/chat/completions", json=body, headers=headers, timeout=60
+    ) as resp:
+        assert resp.status_code == 200
+        chunks = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert any(ch.isalpha() and ch.islower() for ch in text), "the answer had no letter to flag"
+    entry = wait_for_entry(server, "req-stream-watch")
+    time.sleep(0.3)
+    entries = [
+        e for e in audit(server, limit=500).json()["data"] if e["request_id"] == "req-stream-watch"
+    ]
+    assert len(entries) == 1  # re-checked as the text grew, audited once
+    assert entry["stage"] == "output" and entry["action"] == "annotated"
+    assert entry["key_name"] == "watcher" and entry["policy"] == "watch-output"
+    assert entry["categories"]["blocklist:letters"]["action"] == "annotate"
+    assert 0 < len(entry["content"]) <= 10 and entry["content"] in text
+    assert key not in json.dumps(entries)
