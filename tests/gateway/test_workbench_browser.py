@@ -203,3 +203,41 @@ def test_token_stays_in_the_tab(server: str, page: Any) -> None:
     page.click("#signout")
     playwright_api.expect(page.locator("#signin")).to_be_visible()
     assert page.evaluate("sessionStorage.length") == 0
+
+
+def test_try_and_evaluate_a_draft(server: str, page: Any, shots: Path, tmp_path: Path) -> None:
+    expect = playwright_api.expect
+    page.goto(server + "/workbench")
+    page.fill("#token", TEST_ADMIN_TOKEN)
+    page.click("#signin-btn")
+    page.click("#policies-table button[data-name=strict]")
+    expect(page.locator("#editor")).to_have_value(re.compile("name: strict"))
+    draft = page.input_value("#editor").replace(
+        "terms: [GATEWAY-CANARY-BLOCK]", "terms: [GATEWAY-CANARY-BLOCK, haiku]"
+    )
+    assert "haiku" in draft
+    page.fill("#editor", draft)
+    # Try: the unsaved draft against the saved version.
+    page.click("nav button[data-tab=try]")
+    page.select_option("#try-source", "draft")
+    page.fill("#try-prompt", "Write a haiku about harbours")
+    page.click("#try-btn")
+    expect(page.locator("#try-outcome")).to_contain_text("Blocked")
+    expect(page.locator("#try-diff")).to_contain_text("Saved policy answers 200, the draft 400")
+    page.screenshot(path=str(shots / "8-try-draft.png"))
+    # Evaluate: an uploaded labelled JSONL, draft vs saved.
+    data = tmp_path / "labelled.jsonl"
+    data.write_text(
+        '{"text": "Write a haiku about harbours at dawn.", "expected": []}\n'
+        '{"text": "GATEWAY-CANARY-BLOCK", "expected": ["blocklist:canary"]}\n'
+    )
+    page.click("nav button[data-tab=evaluate]")
+    page.set_input_files("#eval-file", str(data))
+    page.click("#eval-btn")
+    expect(page.locator("#eval-status")).to_contain_text("2 lines")
+    canary_row = page.locator("#eval-table tr", has_text="blocklist:canary")
+    expect(canary_row).to_contain_text("1.00")  # saved precision
+    expect(canary_row).to_contain_text("0.50")  # draft precision
+    expect(page.locator("#eval-changed")).to_contain_text("line 1:")
+    page.screenshot(path=str(shots / "9-evaluate.png"))
+    assert page.problems == [], page.problems

@@ -68,3 +68,11 @@ def test_assets_are_package_data() -> None:
     assert shipped == set(ASSETS)
     for name in ASSETS:
         assert any(Path("static/workbench", name).match(p) for p in patterns), name
+
+
+def test_metrics_label_the_workbench_and_audit_routes() -> None:
+    from gateway.middleware import _route_label
+
+    assert _route_label("/workbench/static/workbench.js") == "/workbench"
+    assert _route_label("/admin/audit/summary") == "/admin/audit"
+    assert _route_label("/admin/policies/default/source") == "/admin/policies"

@@ -252,7 +252,7 @@ async function tryIt() {
   if (d.difference) {
     const diff = $("try-diff");
     diff.appendChild(el("li", "Saved policy answers " + d.difference.status.saved + ", the draft " + d.difference.status.draft + "."));
-    for (const c of d.difference.changes) diff.appendChild(el("li", c.stage + " " + c.what + ": saved " + c.saved + " → draft " + c.draft));
+    for (const c of d.difference.changes) diff.appendChild(el("li", c.stage + " " + c.what + ": saved " + (c.saved ?? "no hit") + " → draft " + (c.draft ?? "no hit")));
     if (!d.difference.changes.length) diff.appendChild(el("li", "No difference from the saved version."));
   }
   $("try-json").textContent = JSON.stringify(response.status === 400 ? response.body : response, null, 2);
