@@ -284,3 +284,26 @@ def test_read_only_directory_refuses_saves(
         # Drafts can still be tried.
         dry = post(live.base_url, "/admin/policies/dry-run", {"draft": src["yaml"], "prompt": "hi"})
         assert dry.status_code == 200
+
+
+def test_concurrent_saves_with_one_etag_one_wins(server: str, policy_dir: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    src = source(server, "audit")
+
+    def save(i: int) -> int:
+        text = re.sub(r'version: "?[^"\n]*"?', f'version: "c{i}"', src["yaml"], count=1)
+        resp = httpx.put(
+            server + "/admin/policies/audit",
+            json={"yaml": text, "etag": src["etag"]},
+            headers=ADMIN,
+            timeout=30,
+        )
+        return resp.status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = sorted(pool.map(save, range(8)))
+    assert statuses == [200] + [409] * 7
+    winner = source(server, "audit")
+    assert winner["version"].startswith("c")
+    assert f'version: "{winner["version"]}"' in (policy_dir / "audit.yaml").read_text()
