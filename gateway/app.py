@@ -23,6 +23,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import admin
+from gateway.admin_extras import admin_extras
+from gateway.audit import AuditLog
 from gateway.auth import AuthService, ensure_demo_key
 from gateway.chat import ChatService, engine_failure
 from gateway.configured_keys import ConfiguredKeys
@@ -171,6 +173,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         # In the background: the gateway starts (and readyz reports Redis) while Redis is down.
         bootstrap = asyncio.create_task(configured.register(retry_interval_s=1.0))
         state.guards = guards = await GuardServices.start(settings, metrics.registry)
+        state.audit = guards.audit = AuditLog.from_settings(
+            settings, redis_conn.client, metrics.registry
+        )
+        if state.audit is not None:
+            state.audit.start()
         await router.start()
         images = ImageLoader(ImageLimits.from_settings(settings))
         first = router.routes[0].engine.info
@@ -199,6 +206,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             await router.stop()
             await images.aclose()
             await guards.stop()
+            if state.audit is not None:
+                await state.audit.stop()
             if state.background:
                 await asyncio.wait(state.background, timeout=2)
             await state.limiter.aclose()
@@ -226,6 +235,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(router)
     app.include_router(admin.router)
     app.include_router(moderations_router)
+    for extra in admin_extras():
+        app.include_router(extra)
     return app
 
 

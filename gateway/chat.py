@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from gateway.audit import AuditContext
 from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, ServiceUnavailable
 from gateway.image_tokens import ImageTokenCounter
 from gateway.images import ImageLoader
@@ -65,6 +66,7 @@ class PreparedChat:
     # what the rate limiter is settled with if the client leaves early.
     completion_tokens: int = 0
     input_decision: Decision | None = None
+    audit_context: AuditContext | None = None
 
     def prompt_filter_results(self) -> list[dict[str, Any]]:
         if self.input_decision is None:
@@ -231,6 +233,11 @@ class ChatService:
         (decision,) = await chat.pipeline.run("input", [GuardInput("input", chat.turns)])
         chat.input_decision = decision
         log_decision(decision)
+        if decision.blocked or decision.hits or decision.errors:
+            item = GuardInput("input", chat.turns)
+            self._guards.audit_decision(
+                decision, chat.policy, chat.audit_context, item.text_to_check()
+            )
         if decision.blocked:
             raise ContentFiltered(
                 decision.error_body(), headers={"x-policy": policy_header(chat.policy)}
@@ -239,9 +246,18 @@ class ChatService:
     async def check_output(self, chat: PreparedChat, texts: list[str]) -> list[Decision]:
         items = [GuardInput("output", chat.turns, completion=text) for text in texts]
         decisions = await chat.pipeline.run("output", items)
-        for decision in decisions:
+        for decision, text in zip(decisions, texts, strict=True):
             log_decision(decision)
+            self._guards.audit_decision(decision, chat.policy, chat.audit_context, text)
         return decisions
+
+    def stream_auditor(self, chat: PreparedChat) -> Callable[[Decision, str], None]:
+        """For a streamed choice: audit one output decision with the text it judged."""
+
+        def audit(decision: Decision, text: str) -> None:
+            self._guards.audit_decision(decision, chat.policy, chat.audit_context, text)
+
+        return audit
 
     # -- non-streaming ---------------------------------------------------------------------
     async def complete(self, chat: PreparedChat) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from gateway.audit_cli import app as audit_app
 from gateway.keys_cli import app as keys_app
 from gateway.settings import Settings
 from guards.policy_cli import policy_app
@@ -15,6 +16,7 @@ from guards.policy_cli import policy_app
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 cli.add_typer(keys_app, name="keys", help="Manage API keys (same Redis as the server).")
 cli.add_typer(policy_app, name="policy", help="Check and evaluate safety policies.")
+cli.add_typer(audit_app, name="audit", help="Read the audit log of guard decisions.")
 
 
 @cli.command()

@@ -23,7 +23,14 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 def _route_label(path: str) -> str:
     # Bounded label values: never the raw path (ids would explode the metric's cardinality).
-    for prefix in ("/v1/chat/completions", "/v1/models", "/admin/keys", "/admin/policies"):
+    for prefix in (
+        "/v1/chat/completions",
+        "/v1/models",
+        "/admin/keys",
+        "/admin/policies",
+        "/admin/audit",
+        "/workbench",
+    ):
         if path.startswith(prefix):
             return prefix
     if path in ("/healthz", "/readyz", "/metrics"):

@@ -15,10 +15,12 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry
 
+from gateway.audit import AuditContext, AuditLog
 from gateway.errors import GatewayError, ServiceUnavailable
 from gateway.settings import Settings
 from guards.base import Guard
 from guards.coverage import GUARD_SETTING, cannot_judge, hint, missing_required
+from guards.decision import Decision
 from guards.pipeline import GuardPipeline, GuardPipelines
 from guards.policy import Policy
 from guards.policy_store import PolicyNotFound, PolicyStore
@@ -52,6 +54,7 @@ class GuardServices:
     store: PolicyStore
     pipelines: GuardPipelines
     guards: dict[str, Guard]
+    audit: AuditLog | None = None
 
     @classmethod
     async def start(cls, settings: Settings, registry: CollectorRegistry) -> GuardServices:
@@ -129,3 +132,14 @@ class GuardServices:
 
     def pipeline(self, policy: Policy) -> GuardPipeline:
         return self.pipelines.for_policy(policy)
+
+    def audit_decision(
+        self,
+        decision: Decision,
+        policy: Policy,
+        context: AuditContext | None,
+        text: str | None = None,
+    ) -> None:
+        """Queue a decision for the audit log (nothing happens on the request path)."""
+        if self.audit is not None:
+            self.audit.record(decision, policy, context, text)

@@ -14,6 +14,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from gateway.admin import require_admin
+from gateway.audit import AuditContext
 from gateway.auth import AuthService
 from gateway.chat import ChatService, PreparedChat, engine_failure
 from gateway.errors import GatewayError, ModelNotFound, RequestTooLarge
@@ -119,6 +120,12 @@ async def _admitted(
     body = await read_body(receive, _header(scope, b"content-length"), settings.max_body_bytes)
     chat = await chat_service.prepare(
         body, authorize=lambda model: auth.check_model(key, model), policy_name=key.policy
+    )
+    chat.audit_context = AuditContext(
+        request_id=structlog.contextvars.get_contextvars().get("request_id"),
+        key_id=key.id,
+        key_name=key.name,
+        endpoint=CHAT_PATH,
     )
     adm = await limiter.admit(key, chat.prompt_tokens, chat.reserved_completion_tokens)
     headers = adm.headers()

@@ -89,6 +89,13 @@ class Settings(LimitsSettings):
     prompt_guard_path: Path | None = None
     llama_guard_path: Path | None = None
 
+    # Audit log of guard decisions (gateway.audit): a Redis stream capped by length and age.
+    audit_enabled: bool = True
+    audit_redis_url: str | None = None  # unset: the gateway's Redis
+    audit_max_entries: PositiveInt = 100_000
+    audit_max_age_s: PositiveFloat = 7 * 24 * 3600.0
+    audit_queue_size: PositiveInt = 10_000
+
     # Server behaviour
     shutdown_grace_s: float = 30.0
     log_level: str = "info"

@@ -39,15 +39,27 @@ def sse(payload: dict[str, Any] | str) -> bytes:
 class ChoiceStream:
     """The state of one streamed choice."""
 
-    def __init__(self, chat: PreparedChat, index: int, safe: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        chat: PreparedChat,
+        index: int,
+        safe: dict[str, Any],
+        audit: Callable[[Decision, str], None] | None = None,
+    ) -> None:
         self.index = index
         self.results = safe  # the results of the last check (safe until the first one)
         self.deltas = 0
         self.open = True
+        audited: dict[str, str] = {}
 
         async def check(text: str) -> Decision:
             item = GuardInput("output", chat.turns, completion=text)
             (decision,) = await chat.pipeline.run("output", [item])
+            # The text is re-checked as it grows: audit a decision once, not at every check.
+            if audit is not None and (decision.blocked or decision.hits != audited):
+                audited.clear()
+                audited.update(decision.hits)
+                audit(decision, text)
             return decision
 
         self.moderator: StreamModerator[Decision] = StreamModerator(
@@ -106,7 +118,10 @@ class ChatStream:
         `aclose` does."""
         service, chat, tasks = self._service, self._chat, self._tasks
         safe = _safe_results(chat)
-        choices = [ChoiceStream(chat, i, safe) for i in range(len(tasks))]
+        choices = [
+            ChoiceStream(chat, i, safe, audit=service.stream_auditor(chat))
+            for i in range(len(tasks))
+        ]
         include_usage = chat.request.wants_usage_chunk
         # No output guard at all: nothing to hold text back for, it is sent as it comes.
         moderated = bool(chat.pipeline.guards_for("output"))

@@ -62,8 +62,10 @@ class Decision:
     # Guards that ran (failed ones included) with their latency in seconds.
     latencies: dict[str, float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
-    # Judged category -> the highest score (a probability) a guard gave it.
+    # Judged category -> the highest score (a probability) a guard gave it, and the guards that
+    # reported it (for the audit log and the workbench's dry run: which guard decided).
     scores: dict[str, float] = field(default_factory=dict)
+    sources: dict[str, list[str]] = field(default_factory=dict)
     # The guards' own verdicts, in the order given (for `/v1/moderations`).
     guard_verdicts: list[GuardVerdict] = field(default_factory=list)
 
@@ -82,6 +84,14 @@ class Decision:
             if self.reasons:
                 message = f"{message} Reasons: {'; '.join(self.reasons)}."
         return content_filter_error_body(self.verdicts, message)
+
+    def deciders(self) -> list[str]:
+        """The guards that made this a block: whose findings hit a blocking rule, or whose
+        failure blocked."""
+        found = {g for c, a in self.hits.items() if a == "block" for g in self.sources.get(c, [])}
+        if self.blocked:
+            found.update(self.errors)
+        return sorted(found)
 
     def log_fields(self) -> dict[str, Any]:
         """For a structured log line (no text)."""
@@ -118,10 +128,10 @@ def decide(
     ran_names = set(ran) if ran is not None else {v.guard for v in verdicts}
     severities: dict[str, Severity] = {}
     sources: dict[str, set[str]] = {}
+    scores: dict[str, float] = {}
     blocklist_matches: dict[str, set[str]] = {}
     errors: dict[str, str] = {}
     latencies: dict[str, float] = {}
-    scores: dict[str, float] = {}
 
     def note(category: str, severity: Severity, guard: str, score: float) -> None:
         severities[category] = _max_severity(severities.get(category), severity)
@@ -191,6 +201,8 @@ def decide(
         # A match from a list this policy does not define (a guard's own list) annotates.
         action = settings.action if settings is not None else "annotate"
         hits[BLOCKLIST_PREFIX + name] = action
+        scores[BLOCKLIST_PREFIX + name] = 1.0
+        sources[BLOCKLIST_PREFIX + name] = set(guards_seen)
         result.blocklists[name] = action == "block"
         if action == "block":
             blocked = True
@@ -222,4 +234,5 @@ def decide(
         skipped=list(skipped),
         scores=scores,
         guard_verdicts=list(verdicts),
+        sources={category: sorted(guards) for category, guards in sources.items()},
     )

@@ -191,6 +191,13 @@ class StreamingSettings(_Strict):
     window_chars: int = Field(default=200, ge=16, le=4000)
 
 
+class AuditSettings(_Strict):
+    # The audit log is content-free unless the policy asks for samples (a privacy decision
+    # that belongs to whoever owns the policy); samples are cut to `max_chars`.
+    include_content: bool = False
+    max_chars: int = Field(default=200, ge=1, le=4000)
+
+
 class Policy(_Strict):
     name: Annotated[str, StringConstraints(pattern=_NAME_RE)] | None = None
     version: Annotated[str, BeforeValidator(_to_str), Field(min_length=1, max_length=64)]
@@ -206,6 +213,7 @@ class Policy(_Strict):
     )
     custom_blocklists: list[BlocklistSettings] = Field(default_factory=list)
     streaming: StreamingSettings = StreamingSettings()
+    audit: AuditSettings = AuditSettings()
 
     _compiled: tuple[CompiledBlocklist, ...] = PrivateAttr(default=())
     _source: Path | None = PrivateAttr(default=None)

@@ -10,7 +10,8 @@ tar -x -C DIR`) in the same run, so a change and its baseline see the same machi
 Needs: Redis on 127.0.0.1:6379 (admission runs: the bootstrap key gets an rpm and tpm limit),
 `wrk` on PATH, and LiteLLM Proxy in its own venv (`python -m venv V && V/bin/pip install
 'litellm[proxy]'`; skipped with a note when absent). Guards: off (a policy that runs none);
-`--with-default-policy` adds the shipped `default` policy (the embedded guards).
+`--with-default-policy` adds the shipped `default` policy (the embedded guards);
+`--with-audit` adds that policy with every request annotated, with the audit log on and off.
 
 Per target: 300 sequential non-streaming requests (latency p50/p99), 100 sequential streams
 (time to the first chunk with content), then `wrk` with 32 connections for 10 s (requests/s)
@@ -265,6 +266,29 @@ def start_all(args: argparse.Namespace, work: Path) -> tuple[Target, list[Target
                     {"GATEWAY_DEFAULT_POLICY": "default", "BEFORE": "1"},
                 )
             )
+    if args.with_audit:
+        # Worst case for the audit log: every request is annotated (a blocklist term in the
+        # benchmark prompt), so every request writes an entry; the same with the log off.
+        default = (ROOT / "policies" / "default.yaml").read_text()
+        annotating = default.replace("name: default", "name: annotate-all", 1).replace(
+            "custom_blocklists:\n",
+            "custom_blocklists:\n"
+            "  - {name: watch, terms: [hello], stage: input, action: annotate}\n",
+            1,
+        )
+        (policies / "annotate-all.yaml").write_text(annotating)
+        for log_on in ("true", "false"):
+            label = "on" if log_on == "true" else "off"
+            variants.append(
+                (
+                    f"gateway (annotating policy, audit {label})",
+                    {
+                        "GATEWAY_POLICY_DIR": str(policies),
+                        "GATEWAY_DEFAULT_POLICY": "annotate-all",
+                        "GATEWAY_AUDIT_ENABLED": log_on,
+                    },
+                )
+            )
     for name, extra in variants:
         key = "sk-bench-" + secrets.token_hex(16)
         gw = Target(name, free_port(), key)
@@ -461,6 +485,12 @@ def main() -> None:
         action="store_true",
         help="also measure a gateway with the shipped default policy (embedded guards on); "
         "with --before, the --before checkout's too",
+    )
+    parser.add_argument(
+        "--with-audit",
+        action="store_true",
+        help="also measure the default policy's guards with every request annotated, with the "
+        "audit log on and off (every request then writes an audit entry)",
     )
     parser.add_argument(
         "--before",

@@ -939,3 +939,27 @@ _FREE_FORM = {
     "redis.bundled.resources",
     "model.copy.resources",
 }
+
+
+def test_audit_retention_values_reach_every_gateway(render) -> None:  # type: ignore[no-untyped-def]
+    for values, expected in (
+        ({}, ("true", "100000", "604800")),
+        (
+            {"config": {"audit": {"enabled": False, "maxEntries": 5000, "maxAgeSeconds": 3600}}},
+            ("false", "5000", "3600"),
+        ),
+    ):
+        r = render(values)
+        containers = gateway_containers(r)
+        assert containers
+        for _, _, c in containers:
+            env = env_of(c)
+            got = tuple(
+                env[name]["value"]
+                for name in (
+                    "GATEWAY_AUDIT_ENABLED",
+                    "GATEWAY_AUDIT_MAX_ENTRIES",
+                    "GATEWAY_AUDIT_MAX_AGE_S",
+                )
+            )
+            assert got == expected

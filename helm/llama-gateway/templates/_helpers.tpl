@@ -240,6 +240,9 @@ An entry of config.extraEnv or <component>.extraEnv replaces the chart's entry o
 {{- $env = append $env (dict "name" "GATEWAY_LOG_LEVEL" "value" $v.config.logLevel) }}
 {{- $env = append $env (dict "name" "GATEWAY_SHUTDOWN_GRACE_S" "value" (toString (int64 $v.config.shutdownGraceSeconds))) }}
 {{- $env = append $env (dict "name" "GATEWAY_IMAGE_FETCH_ALLOW" "value" (toJson $v.config.imageFetchAllow)) }}
+{{- $env = append $env (dict "name" "GATEWAY_AUDIT_ENABLED" "value" (toString $v.config.audit.enabled)) }}
+{{- $env = append $env (dict "name" "GATEWAY_AUDIT_MAX_ENTRIES" "value" (toString (int64 $v.config.audit.maxEntries))) }}
+{{- $env = append $env (dict "name" "GATEWAY_AUDIT_MAX_AGE_S" "value" (toString (int64 $v.config.audit.maxAgeSeconds))) }}
 {{- range $key, $name := dict "defaultRpm" "GATEWAY_DEFAULT_RPM" "defaultTpm" "GATEWAY_DEFAULT_TPM" "defaultMaxConcurrency" "GATEWAY_DEFAULT_MAX_CONCURRENCY" }}
 {{- with index $v.config $key }}
 {{- $env = append $env (dict "name" $name "value" (toString (int64 .))) }}
