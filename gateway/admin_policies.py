@@ -117,7 +117,7 @@ async def overview(request: Request) -> JSONResponse:
     for row in guards.store.status():
         judged: list[str] = []
         if row["name"] in guards.store:
-            judged = dry_run.judged_categories(guards.store.get(row["name"]), available)
+            judged = dry_run.judged_categories(guards.store.get(row["name"]), guards.guards)
         rows.append({**row, "judges": judged})
     problem = policy_files.writable_problem(guards.store.directory)
     return JSONResponse(

@@ -17,20 +17,12 @@ from PIL import Image
 
 from guards.base import Guard, GuardInput, GuardVerdict, Stage
 from guards.blocklist import BlocklistGuard
+from guards.coverage import stage_coverage
 from guards.decision import Decision
 from guards.pipeline import GuardPipeline
 from guards.policy import Policy
 from guards.policy_cli import Counts, DataError, EvalLine, _guard_input, read_data
 from model.engine import ChatTurn, ImagePart, TextPart
-
-# Which categories each guard can judge (what the Policies tab shows per policy).
-GUARD_CATEGORIES: dict[str, tuple[str, ...]] = {
-    "blocklist": ("custom_blocklists",),
-    "profanity": ("profanity",),
-    "jailbreak_heuristic": ("jailbreak", "indirect_attack"),
-    "prompt_guard": ("jailbreak", "indirect_attack"),
-    "llama_guard": ("hate", "self_harm", "sexual", "violence", "llama_guard"),
-}
 
 
 class _Recording:
@@ -59,13 +51,13 @@ def bound_guards(policy: Policy, guards: Mapping[str, Guard]) -> dict[str, _Reco
     return bound
 
 
-def judged_categories(policy: Policy, available: Sequence[str]) -> list[str]:
-    """The result keys that some guard of this policy, as loaded here, really judges."""
-    out: set[str] = set()
-    for name, _ in policy.guards_for("input") + policy.guards_for("output"):
-        if name == "blocklist" or name in available:
-            out.update(GUARD_CATEGORIES.get(name, ()))
-    return sorted(c for c in out if not policy.is_excluded(c))
+def judged_categories(policy: Policy, guards: Mapping[str, Guard]) -> list[str]:
+    """The result keys that some guard of this policy, as loaded here, really judges (at either
+    stage; the same coverage rule as the start-up log and `/admin/policies`)."""
+    judged = stage_coverage(policy, guards, "input") | stage_coverage(policy, guards, "output")
+    if policy.custom_blocklists:
+        judged.add("custom_blocklists")
+    return sorted(judged)
 
 
 def _verdict_json(verdict: GuardVerdict, stage: Stage) -> dict[str, Any]:
