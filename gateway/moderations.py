@@ -28,6 +28,7 @@ import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from gateway.audit import AuditContext
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
@@ -213,13 +214,17 @@ class ModerationService:
         text = await asyncio.to_thread(lambda: sum(engine.count_prompt_tokens(p) for p in probes))
         return int(text) - len(images) + image_tokens  # an image's placeholder -> its tokens
 
-    async def moderate(self, policy: Policy, turns: list[ChatTurn]) -> list[dict[str, Any]]:
+    async def moderate(
+        self, policy: Policy, turns: list[ChatTurn], audit: AuditContext | None = None
+    ) -> list[dict[str, Any]]:
         pipeline = self._guards.pipeline(policy)
         items = [GuardInput("input", (turn,)) for turn in turns]
         decisions = await pipeline.run("input", items)  # every guard gets all inputs at once
         results = []
-        for turn, decision in zip(turns, decisions, strict=True):
+        for turn, item, decision in zip(turns, items, decisions, strict=True):
             log_decision(decision, endpoint="moderations")
+            # The same audit trail as chat: what a policy flagged here is a decision too.
+            self._guards.audit_decision(decision, policy, audit, item.text_to_check())
             has_text = any(isinstance(p, TextPart) for p in turn.parts)
             results.append(moderation_result(policy, decision, has_text=has_text))
         return results
@@ -245,7 +250,13 @@ async def create_moderation(request: Request) -> JSONResponse:
     adm = await limiter.admit(key, tokens, 0)
     headers = {**adm.headers(), "x-policy": policy_header(policy)}
     try:
-        results = await service.moderate(policy, turns)
+        audit = AuditContext(
+            request_id=structlog.contextvars.get_contextvars().get("request_id"),
+            key_id=key.id,
+            key_name=key.name,
+            endpoint="/v1/moderations",
+        )
+        results = await service.moderate(policy, turns, audit)
     except GatewayError as exc:
         exc.headers = {**headers, **exc.headers}
         raise

@@ -98,6 +98,21 @@ def test_blocked_request_is_audited_content_free(server: str) -> None:
     assert CANARY not in text and AUTH["Authorization"].split()[1] not in text
 
 
+def test_flagged_moderation_is_audited_with_its_endpoint(server: str) -> None:
+    headers = {**AUTH, "x-request-id": "req-audit-moderation-1"}
+    body = {"input": ["a harmless line", f"please {CANARY} now"]}
+    resp = httpx.post(server + "/v1/moderations", json=body, headers=headers, timeout=60)
+    assert resp.status_code == 200
+    assert [r["flagged"] for r in resp.json()["results"]] == [False, True]
+    entry = wait_for_entry(server, "req-audit-moderation-1")
+    assert entry["endpoint"] == "/v1/moderations" and entry["action"] == "blocked"
+    assert entry["categories"]["blocklist:canary"]["action"] == "block"
+    assert "content" not in entry
+    # Only the flagged input left an entry.
+    ids = [e["request_id"] for e in audit(server, limit=500).json()["data"]]
+    assert ids.count("req-audit-moderation-1") == 1
+
+
 def test_allowed_request_leaves_no_entry(server: str) -> None:
     resp = chat(server, "What is the capital of Australia?", request_id="req-audit-clean-1")
     assert resp.status_code == 200
