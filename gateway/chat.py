@@ -74,7 +74,10 @@ class PreparedChat:
         return self.input_decision.prompt_filter_results()
 
     def with_images(self, text_tokens: int) -> int:
-        """Prompt tokens for usage and TPM: the text's, each image as its vision tokens."""
+        """Prompt tokens for usage and TPM: the text's, each image as its vision tokens (an
+        upstream's own count is taken as it is: it may count images its own way)."""
+        if not self.engine.info.image_placeholder_usage:
+            return text_tokens
         return text_tokens - self.image_placeholders + self.image_tokens
 
     @property

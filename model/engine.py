@@ -100,6 +100,10 @@ class EngineInfo:
     device: str
     dtype: str
     extra: dict[str, str] = field(default_factory=dict)
+    # True when the engine's `prompt_tokens` count each image as its one `<|image|>` placeholder
+    # (the local engines): the gateway then counts the image as its vision tokens instead. An
+    # upstream's own usage is reported as the upstream counted it.
+    image_placeholder_usage: bool = False
 
 
 class EngineError(Exception):

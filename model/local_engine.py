@@ -118,6 +118,7 @@ class LocalMllamaEngine:
             max_batch_size=self._max_batch,
             device=str(self._device),
             dtype=str(self._dtype).removeprefix("torch."),
+            image_placeholder_usage=True,
         )
 
     @property

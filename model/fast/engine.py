@@ -204,6 +204,7 @@ class FastMllamaEngine:
                 "slots": str(self._slots),
                 "cuda_graphs": str(self._graphs is not None and self._graphs.capture).lower(),
             },
+            image_placeholder_usage=True,
         )
 
     @property

@@ -234,6 +234,26 @@ def test_upstream_usage_settles_the_rate_limiter(gateway: LiveServer) -> None:
     assert remaining_first - remaining_second == used
 
 
+def test_upstream_usage_with_an_image_is_the_upstreams_own_count(gateway: LiveServer) -> None:
+    """The local engines count an image as one placeholder, which the gateway swaps for its
+    vision tokens; an upstream's usage already is its own count and is reported unchanged."""
+    from tests.gateway.test_e2e_openai import png_data_url
+
+    content = [
+        {"type": "image_url", "image_url": {"url": png_data_url()}},
+        {"type": "text", "text": "hi"},
+    ]
+    body = {"model": "fast-model", "messages": [{"role": "user", "content": content}]}
+    resp = httpx.post(
+        gateway.base_url + "/v1/chat/completions",
+        json={**body, "max_tokens": 50},
+        headers={"Authorization": f"Bearer {TEST_API_KEY}"},
+    )
+    assert resp.status_code == 200
+    usage = resp.json()["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (5, 2)  # the mock's answer
+
+
 def _first_content_s(gateway: LiveServer, model: str) -> tuple[float, str]:
     """Seconds to the first chunk with text from a route whose upstream sends an "x" every
     20 ms for 2 s (no sentence boundary), and the whole text."""
