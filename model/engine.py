@@ -50,6 +50,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # A JSON schema (canonical JSON text) the completion must match, enforced token by token
+    # (`model.grammar`); `{"type": "object"}` for OpenAI's JSON mode. None: free text.
+    json_schema: str | None = None
+    # None: no logprobs. 0..20: each token's logprob and that many alternatives.
+    top_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -73,8 +78,27 @@ class EngineRequest:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log probability, with the most likely alternatives."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class TextDelta:
     text: str
+    # The tokens whose text this delta completes (only when the request asked for logprobs).
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

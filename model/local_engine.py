@@ -22,6 +22,8 @@ from model.engine import (
     EngineRequest,
     Finished,
 )
+from model.grammar import GrammarBook
+from model.logprobs import TokenBytes
 from model.prompt import PromptRenderer
 from model.runner import MllamaRunner
 from model.scheduler import BatchScheduler, queue_emitter
@@ -71,6 +73,7 @@ class LocalMllamaEngine:
         self._model: Any = None
         self._scheduler: BatchScheduler | None = None
         self._renderer: PromptRenderer | None = None
+        self._grammars: GrammarBook | None = None
         self._context_length = context_length or 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -94,8 +97,14 @@ class LocalMllamaEngine:
         text_config = model.config.get_text_config(decoder=True)
         self._context_length = self._context_override or int(text_config.max_position_embeddings)
         runner = MllamaRunner(model, processor, self._device)
+        eos = eos_ids(processor, model)
+        self._grammars = GrammarBook(processor.tokenizer, runner.vocab_size, eos)
         self._scheduler = BatchScheduler(
-            runner, processor.tokenizer, eos_ids(processor, model), self._max_batch
+            runner,
+            processor.tokenizer,
+            eos,
+            self._max_batch,
+            TokenBytes(processor.tokenizer, lambda: self.grammars.decoded_vocab),
         )
         self._processor, self._model = processor, model
         self._renderer = PromptRenderer(processor)
@@ -125,6 +134,12 @@ class LocalMllamaEngine:
         return self._scheduler
 
     @property
+    def grammars(self) -> GrammarBook:
+        if self._grammars is None:
+            raise EngineError("the engine is not loaded yet")
+        return self._grammars
+
+    @property
     def renderer(self) -> PromptRenderer:
         if self._renderer is None:
             raise EngineError("the engine is not loaded yet")
@@ -146,9 +161,12 @@ class LocalMllamaEngine:
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
         scheduler = self.scheduler
         prompt, images = self.renderer.render(request.messages)
+        schema = request.sampling.json_schema
+        # Compiling a new schema takes milliseconds to seconds: never on the scheduler's thread.
+        grammar = await asyncio.to_thread(self.grammars.row, schema) if schema else None
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
-        seq = scheduler.new_sequence(request, prompt, images, queue_emitter(loop, queue))
+        seq = scheduler.new_sequence(request, prompt, images, queue_emitter(loop, queue), grammar)
         scheduler.submit(seq)
         try:
             while True:
