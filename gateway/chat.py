@@ -31,7 +31,9 @@ from model.engine import (
     ImagePart,
     TextDelta,
     TextPart,
+    TokenLogprob,
 )
+from model.logprobs import openai_logprobs
 from model.upstream import UpstreamError
 
 log = structlog.get_logger(__name__)
@@ -229,17 +231,24 @@ class ChatService:
                 outcomes = await _all_or_nothing([self._collect(chat, r) for r in requests])
         except Exception as exc:
             raise engine_failure(exc) from exc
-        decisions = await self.check_output(chat, [text for text, _ in outcomes])
+        decisions = await self.check_output(chat, [text for text, _, _ in outcomes])
         choices = []
         completion_tokens = 0
-        for index, ((text, finished), decision) in enumerate(zip(outcomes, decisions, strict=True)):
+        for index, ((text, finished, logprobs), decision) in enumerate(
+            zip(outcomes, decisions, strict=True)
+        ):
             completion_tokens += finished.completion_tokens
-            # A withheld completion: finish_reason content_filter, and none of its text.
+            # A withheld completion: finish_reason content_filter, and none of its text (nor of
+            # its logprobs, which spell the same text).
             choices.append(
                 {
                     "index": index,
                     "message": {"role": "assistant", "content": "" if decision.blocked else text},
-                    "logprobs": None,
+                    "logprobs": (
+                        openai_logprobs(logprobs)
+                        if chat.request.logprobs and not decision.blocked
+                        else None
+                    ),
                     "finish_reason": "content_filter" if decision.blocked else finished.reason,
                     "content_filter_results": decision.content_filter_results(),
                 }
@@ -258,8 +267,11 @@ class ChatService:
             "system_fingerprint": self.system_fingerprint,
         }
 
-    async def _collect(self, chat: PreparedChat, request: EngineRequest) -> tuple[str, Finished]:
+    async def _collect(
+        self, chat: PreparedChat, request: EngineRequest
+    ) -> tuple[str, Finished, list[TokenLogprob]]:
         pieces: list[str] = []
+        logprobs: list[TokenLogprob] = []
         first = True
         events = chat.engine.generate(request)
         try:
@@ -269,8 +281,9 @@ class ChatService:
                         self.observe_first_token(chat)
                         first = False
                     pieces.append(event.text)
+                    logprobs += event.logprobs
                 else:
-                    return "".join(pieces), checked_finish(event)
+                    return "".join(pieces), checked_finish(event), logprobs
         finally:
             # Closed here, at once: a generator left to the garbage collector is closed later
             # by the loop's finalizer hook, with a thread-safe wake-up and a task of its own.

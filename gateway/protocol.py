@@ -9,22 +9,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from gateway.errors import InvalidRequest
 from model.engine import SamplingParams
+from model.logprobs import MAX_TOP_LOGPROBS
+from model.schema_check import JSON_OBJECT_SCHEMA, SchemaError, canonical_schema
 
 # Known OpenAI parameters we do not implement, with the values that change nothing.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "tools": (None, []),
     "tool_choice": (None, "none", "auto"),
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
     "parallel_tool_calls": (None, True, False),
     "logit_bias": (None, {}),
-    "response_format": (None, {"type": "text"}),
     "modalities": (None, ["text"]),
     "audio": (None,),
     "prediction": (None,),
@@ -91,6 +90,20 @@ class StreamOptions(_Model):
     include_obfuscation: bool | None = None
 
 
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Model):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
@@ -108,6 +121,11 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # The response format's schema, checked and canonical (set by check_semantics).
+    _json_schema: str | None = PrivateAttr(default=None)
 
     @field_validator("messages")
     @classmethod
@@ -169,6 +187,13 @@ class ChatCompletionRequest(BaseModel):
                 param="max_completion_tokens",
                 code="invalid_value",
             )
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest(
+                "'top_logprobs' requires 'logprobs' to be true.",
+                param="top_logprobs",
+                code="invalid_value",
+            )
+        self._json_schema = self._checked_response_schema()
         for i, message in enumerate(self.messages):
             if message.role != "user" and not message.text_only():
                 raise InvalidRequest(
@@ -177,7 +202,37 @@ class ChatCompletionRequest(BaseModel):
                     code="invalid_value",
                 )
 
+    def _checked_response_schema(self) -> str | None:
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return JSON_OBJECT_SCHEMA
+        param = "response_format.json_schema"
+        if fmt.json_schema is None:
+            raise InvalidRequest(
+                f"Missing required parameter: '{param}'.",
+                param=param,
+                code="missing_required_parameter",
+            )
+        schema = fmt.json_schema.schema_
+        if schema is None:  # OpenAI: no schema means any JSON object
+            return JSON_OBJECT_SCHEMA
+        try:
+            return canonical_schema(schema)
+        except SchemaError as exc:
+            raise InvalidRequest(
+                f"Invalid schema for response_format '{fmt.json_schema.name}': {exc}.",
+                param=f"{param}.schema",
+                code="invalid_json_schema",
+            ) from None
+
     # -- conversion ----------------------------------------------------------------------
+    @property
+    def json_schema(self) -> str | None:
+        """The canonical JSON schema the completion must match (None: free text)."""
+        return self._json_schema
+
     @property
     def choices(self) -> int:
         return self.n or 1
@@ -212,6 +267,8 @@ class ChatCompletionRequest(BaseModel):
             stop=self.stop_sequences,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
+            json_schema=self._json_schema,
+            top_logprobs=(self.top_logprobs or 0) if self.logprobs else None,
         )
 
 

@@ -21,11 +21,13 @@ import structlog
 
 from gateway.chat import ChatService, PreparedChat, checked_finish, engine_failure, usage_body
 from gateway.errors import GatewayError
+from gateway.logprob_stream import HeldLogprobs
 from guards.base import GuardInput
 from guards.decision import Decision
 from guards.pipeline import GuardPipeline
 from guards.streaming import ModerationStep, StreamModerator
 from model.engine import EngineEvent, TextDelta
+from model.logprobs import openai_logprobs
 from model.openai_wire import json_bytes
 
 log = structlog.get_logger(__name__)
@@ -44,6 +46,7 @@ class ChoiceStream:
         self.results = safe  # the results of the last check (safe until the first one)
         self.deltas = 0
         self.open = True
+        self.logprobs = HeldLogprobs()
 
         async def check(text: str) -> Decision:
             item = GuardInput("output", chat.turns, completion=text)
@@ -114,7 +117,12 @@ class ChatStream:
         completion_tokens = 0
         prompt_tokens = chat.prompt_tokens
 
-        def chunk(choice: ChoiceStream, delta: dict[str, Any], finish: str | None) -> bytes:
+        def chunk(
+            choice: ChoiceStream,
+            delta: dict[str, Any],
+            finish: str | None,
+            logprobs: dict[str, Any] | None = None,
+        ) -> bytes:
             body: dict[str, Any] = {
                 "id": chat.completion_id,
                 "object": "chat.completion.chunk",
@@ -125,7 +133,7 @@ class ChatStream:
                     {
                         "index": choice.index,
                         "delta": delta,
-                        "logprobs": None,
+                        "logprobs": logprobs,
                         "finish_reason": finish,
                         "content_filter_results": choice.results,
                     }
@@ -162,6 +170,7 @@ class ChatStream:
                 if isinstance(event, TextDelta):
                     choice.deltas += 1
                     chat.completion_tokens += 1
+                    choice.logprobs.add(event.text, event.logprobs)
                     if moderated:
                         step = await choice.moderator.feed(event.text)
                     else:
@@ -178,7 +187,9 @@ class ChatStream:
                     if first_text:
                         service.observe_first_token(chat)
                         first_text = False
-                    out.append(chunk(choice, {"content": step.release}, None))
+                    released = choice.logprobs.release(len(step.release))
+                    logprobs = openai_logprobs(released) if chat.request.logprobs else None
+                    out.append(chunk(choice, {"content": step.release}, None, logprobs))
                 if step.blocked:
                     close(choice)
                     if isinstance(event, TextDelta):

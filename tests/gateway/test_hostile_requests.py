@@ -119,13 +119,39 @@ CASES: list[tuple[str, Any, int, str | None, str | None]] = [
         "unsupported_parameter",
         "tools",
     ),
-    ("logprobs true", chat(logprobs=True), 400, "unsupported_parameter", "logprobs"),
+    ("top_logprobs without logprobs", chat(top_logprobs=3), 400, "invalid_value", "top_logprobs"),
     (
-        "json response format",
-        chat(response_format={"type": "json_object"}),
+        "too many top_logprobs",
+        chat(logprobs=True, top_logprobs=21),
         400,
-        "unsupported_parameter",
-        "response_format",
+        "invalid_value",
+        "top_logprobs",
+    ),
+    (
+        "unknown response format",
+        chat(response_format={"type": "yaml"}),
+        400,
+        "invalid_value",
+        "response_format.type",
+    ),
+    (
+        "json_schema without a schema spec",
+        chat(response_format={"type": "json_schema"}),
+        400,
+        "missing_required_parameter",
+        "response_format.json_schema",
+    ),
+    (
+        "json_schema with a feature that cannot be enforced",
+        chat(
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "t", "schema": {"type": "array", "uniqueItems": True}},
+            }
+        ),
+        400,
+        "invalid_json_schema",
+        "response_format.json_schema.schema",
     ),
     ("logit bias", chat(logit_bias={"42": 5}), 400, "unsupported_parameter", "logit_bias"),
     (
