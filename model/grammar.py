@@ -143,9 +143,8 @@ def mask_rows(grammars: Sequence[RowGrammar | None], logits: torch.Tensor, vocab
         grammar = grammars[i]
         assert grammar is not None
         grammar.fill(bitmask, i)
-    target = logits[:, :vocab] if logits.shape[-1] != vocab else logits
     xgr.apply_token_bitmask_inplace(
-        target, bitmask.to(logits.device, non_blocking=True), indices=rows
+        logits, bitmask.to(logits.device, non_blocking=True), vocab_size=vocab, indices=rows
     )
 
 

@@ -29,7 +29,9 @@ from model.fast.graphs import DecodeGraphs
 from model.fast.kv_cache import CacheGeometry, ImageStateCache, StaticKVCache, plan_slots
 from model.fast.sampling import SlotSampler
 from model.fast.sequence import PreparedImages
+from model.grammar import GrammarBook
 from model.local_engine import eos_ids, pick_device
+from model.logprobs import TokenBytes
 from model.prompt import PromptRenderer
 from model.scheduler import queue_emitter
 
@@ -65,6 +67,7 @@ class FastMllamaEngine:
         self._processor: Any = None
         self._model: Any = None
         self._renderer: PromptRenderer | None = None
+        self._grammars: GrammarBook | None = None
         self._batcher: ContinuousBatcher | None = None
         self._graphs: DecodeGraphs | None = None
         self._slots = 0
@@ -169,7 +172,9 @@ class FastMllamaEngine:
             self.config,
             image_cache=image_cache,
             graphs=self._graphs,
+            token_bytes=TokenBytes(processor.tokenizer, lambda: self.grammars.decoded_vocab),
         )
+        self._grammars = GrammarBook(processor.tokenizer, geometry.vocab_size, eos)
         self._renderer = PromptRenderer(processor)
         self._slots = slots
         self._batcher.start()
@@ -211,6 +216,12 @@ class FastMllamaEngine:
         if self._batcher is None:
             raise EngineError("the engine is not loaded yet")
         return self._batcher
+
+    @property
+    def grammars(self) -> GrammarBook:
+        if self._grammars is None:
+            raise EngineError("the engine is not loaded yet")
+        return self._grammars
 
     @property
     def renderer(self) -> PromptRenderer:
@@ -274,10 +285,18 @@ class FastMllamaEngine:
             log.warning("fast_prepare_failed", error=str(exc))
             yield Finished("error", 0, 0, f"{type(exc).__name__}: {exc}")
             return
+        schema = request.sampling.json_schema
+        # Compiling a new schema takes milliseconds to seconds: never on the worker's thread.
+        grammar = await asyncio.to_thread(self.grammars.row, schema) if schema else None
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
         seq = batcher.new_sequence(
-            request, input_ids, queue_emitter(loop, queue), tile_mask=tile_mask, images=prepared
+            request,
+            input_ids,
+            queue_emitter(loop, queue),
+            tile_mask=tile_mask,
+            images=prepared,
+            grammar=grammar,
         )
         batcher.submit(seq)  # EngineOverloaded (or RequestTooLarge) goes to the caller
         try:

@@ -14,7 +14,9 @@ from model.engine import (
     EngineOverloaded,
     EngineRequest,
     FinishReason,
+    TokenLogprob,
 )
+from model.grammar import RowGrammar
 
 
 class RequestTooLarge(EngineOverloaded):
@@ -56,6 +58,9 @@ class FastSequence:
     cancelled: bool = False
     done: bool = False
     finish_reason: FinishReason | None = None
+    grammar: RowGrammar | None = None  # the response format's, if any
+    # Logprobs of tokens whose text the detokenizer has not released yet.
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     # Observability (tests, benchmarks): steps and times of the milestones.
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -74,4 +79,9 @@ class FastSequence:
         return self.last_token is not None and not self.done
 
     def finish(self, reason: FinishReason, error: str | None = None) -> None:
-        finish_stream(self, reason, error)
+        finish_stream(self, reason, error, self.take_logprobs())
+
+    def take_logprobs(self) -> tuple[TokenLogprob, ...]:
+        taken = tuple(self.pending_logprobs)
+        self.pending_logprobs.clear()
+        return taken

@@ -9,17 +9,25 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import AutoProcessor, MllamaForConditionalGeneration
 
 from model.engine import Engine, EngineRequest, TextDelta, TokenLogprob
 from model.local_engine import LocalMllamaEngine
 from model.prompt import render_prompt
+from tests.model.fast_support import make_engine
 from tests.model.test_local_engine import request
 
 
-@pytest.fixture(scope="module")
-def batch_engine(demo_model_dir: Path) -> Iterator[LocalMllamaEngine]:
-    eng = LocalMllamaEngine(demo_model_dir, model_id="demo", device="cpu", max_batch_size=4)
-    asyncio.run(eng.start())
+@pytest.fixture(scope="module", params=["batch", "fast"])
+def any_engine(request: pytest.FixtureRequest, demo_model_dir: Path) -> Iterator[Any]:
+    eng: Any
+    if request.param == "batch":
+        eng = LocalMllamaEngine(demo_model_dir, model_id="demo", device="cpu", max_batch_size=4)
+        asyncio.run(eng.start())
+    else:
+        processor = AutoProcessor.from_pretrained(demo_model_dir)
+        model = MllamaForConditionalGeneration.from_pretrained(demo_model_dir).eval()
+        eng = make_engine((model, processor))
     yield eng
     asyncio.run(eng.stop())
 
@@ -49,12 +57,12 @@ def reference_logprobs(model: Any, processor: Any, req: EngineRequest, steps: in
     return torch.stack(rows)
 
 
-def test_greedy_logprobs_match_the_model(batch_engine: LocalMllamaEngine) -> None:
+def test_greedy_logprobs_match_the_model(any_engine: Any) -> None:
     req = request("Tell me about the harbour.", max_tokens=8, top_logprobs=4)
-    text, entries = entries_of(batch_engine, req)
+    text, entries = entries_of(any_engine, req)
     assert len(entries) == 8
-    want = reference_logprobs(batch_engine.model, batch_engine.processor, req, len(entries))
-    tokenizer = batch_engine.processor.tokenizer
+    want = reference_logprobs(any_engine.model, any_engine.processor, req, len(entries))
+    tokenizer = any_engine.processor.tokenizer
     for entry, row in zip(entries, want, strict=True):
         top = torch.topk(row, 4)
         assert entry.logprob == pytest.approx(float(top.values[0]), abs=1e-4)
@@ -64,11 +72,11 @@ def test_greedy_logprobs_match_the_model(batch_engine: LocalMllamaEngine) -> Non
     assert "".join(e.token for e in entries) == text
 
 
-def test_penalties_shift_the_reported_logprobs(batch_engine: LocalMllamaEngine) -> None:
+def test_penalties_shift_the_reported_logprobs(any_engine: Any) -> None:
     """Logprobs are taken after the penalties that sampling used."""
-    plain = entries_of(batch_engine, request("Repeat: la la la", max_tokens=6, top_logprobs=0))[1]
+    plain = entries_of(any_engine, request("Repeat: la la la", max_tokens=6, top_logprobs=0))[1]
     penalised = entries_of(
-        batch_engine,
+        any_engine,
         request("Repeat: la la la", max_tokens=6, top_logprobs=0, frequency_penalty=2.0),
     )[1]
     assert plain[0].logprob == pytest.approx(penalised[0].logprob, abs=1e-5)  # nothing seen yet
