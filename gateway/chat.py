@@ -18,6 +18,7 @@ from gateway.model_routes import ModelRouter, gateway_error
 from gateway.moderation import ContentFiltered, GuardServices, policy_header
 from gateway.protocol import ChatCompletionRequest, ChatMessage, ImageContentPart
 from gateway.settings import Settings
+from gateway.tool_calls import answer_message, tools_json
 from guards.base import GuardInput
 from guards.decision import Decision
 from guards.pipeline import GuardPipeline, log_decision
@@ -32,6 +33,7 @@ from model.engine import (
     TextDelta,
     TextPart,
     TokenLogprob,
+    ToolCall,
 )
 from model.logprobs import openai_logprobs
 from model.upstream import UpstreamError
@@ -128,7 +130,8 @@ class ChatService:
         if not engine.ready():
             raise ServiceUnavailable("The model engine is not ready yet; retry shortly.")
         turns = await self._turns(request.messages)
-        probe = EngineRequest("probe", turns, request.sampling_params(1))
+        tools = tools_json(request)
+        probe = EngineRequest("probe", turns, request.sampling_params(1), tools_json=tools)
         if getattr(engine, "cheap_token_count", False):
             prompt_tokens = engine.count_prompt_tokens(probe)
         else:  # tokenizing a long prompt must not block the event loop
@@ -141,6 +144,7 @@ class ChatService:
                 turns,
                 request.sampling_params(max_tokens, i),
                 stream=bool(request.stream),
+                tools_json=tools,
             )
             for i in range(request.choices)
         ]
@@ -182,14 +186,20 @@ class ChatService:
         turns: list[ChatTurn] = []
         for message in messages:
             role = "system" if message.role == "developer" else message.role
-            if isinstance(message.content, str):
-                parts: tuple[TextPart | ImagePart, ...] = (TextPart(message.content),)
+            if message.content is None:  # an assistant message with tool calls only
+                parts: tuple[TextPart | ImagePart, ...] = (TextPart(""),)
+            elif isinstance(message.content, str):
+                parts = (TextPart(message.content),)
             else:
                 parts = tuple(
                     ImagePart(next(loaded)) if isinstance(p, ImageContentPart) else TextPart(p.text)
                     for p in message.content
                 )
-            turns.append(ChatTurn(role, parts))
+            calls = tuple(
+                ToolCall(c.id, c.function.name, c.function.arguments)
+                for c in message.tool_calls or []
+            )
+            turns.append(ChatTurn(role, parts, calls, message.tool_call_id))
         return tuple(turns)
 
     def _max_tokens(self, request: ChatCompletionRequest, prompt_tokens: int, context: int) -> int:
@@ -239,17 +249,21 @@ class ChatService:
         ):
             completion_tokens += finished.completion_tokens
             # A withheld completion: finish_reason content_filter, and none of its text (nor of
-            # its logprobs, which spell the same text).
+            # its logprobs, which spell the same text, nor a tool call, whose arguments the
+            # guards judged as that text).
+            message, reason = answer_message(chat.request, text, finished.reason)
+            if decision.blocked:
+                message, reason = {"role": "assistant", "content": ""}, "content_filter"
             choices.append(
                 {
                     "index": index,
-                    "message": {"role": "assistant", "content": "" if decision.blocked else text},
+                    "message": message,
                     "logprobs": (
                         openai_logprobs(logprobs)
-                        if chat.request.logprobs and not decision.blocked
+                        if chat.request.logprobs and reason in ("stop", "length")
                         else None
                     ),
-                    "finish_reason": "content_filter" if decision.blocked else finished.reason,
+                    "finish_reason": reason,
                     "content_filter_results": decision.content_filter_results(),
                 }
             )

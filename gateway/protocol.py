@@ -12,17 +12,15 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from gateway.errors import InvalidRequest
+from gateway.tool_calls import check_tools, tool_call_schema
 from model.engine import SamplingParams
 from model.logprobs import MAX_TOP_LOGPROBS
 from model.schema_check import JSON_OBJECT_SCHEMA, SchemaError, canonical_schema
 
 # Known OpenAI parameters we do not implement, with the values that change nothing.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
-    "parallel_tool_calls": (None, True, False),
     "logit_bias": (None, {}),
     "modalities": (None, ["text"]),
     "audio": (None,),
@@ -60,12 +58,30 @@ class ImageContentPart(_Model):
 ContentPart = Annotated[TextContentPart | ImageContentPart, Field(discriminator="type")]
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str = Field(min_length=1)
+    arguments: str
+
+
+class ToolCallIn(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # None only for an assistant message that carries tool calls.
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
 
     @field_validator("content")
     @classmethod
@@ -75,12 +91,14 @@ class ChatMessage(BaseModel):
         return value
 
     def text_only(self) -> bool:
-        return isinstance(self.content, str) or all(
-            isinstance(p, TextContentPart) for p in self.content
+        return (
+            self.content is None
+            or isinstance(self.content, str)
+            or all(isinstance(p, TextContentPart) for p in self.content)
         )
 
     def image_urls(self) -> list[str]:
-        if isinstance(self.content, str):
+        if self.content is None or isinstance(self.content, str):
             return []
         return [p.image_url.url for p in self.content if isinstance(p, ImageContentPart)]
 
@@ -104,6 +122,29 @@ class ResponseFormat(_Model):
     json_schema: JsonSchemaSpec | None = None
 
 
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolSpec(_Model):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(_Model):
+    name: str
+
+
+class NamedToolChoice(_Model):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
@@ -124,6 +165,9 @@ class ChatCompletionRequest(BaseModel):
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     # The response format's schema, checked and canonical (set by check_semantics).
     _json_schema: str | None = PrivateAttr(default=None)
 
@@ -194,6 +238,17 @@ class ChatCompletionRequest(BaseModel):
                 code="invalid_value",
             )
         self._json_schema = self._checked_response_schema()
+        check_tools(self)
+        tool_schema = tool_call_schema(self)
+        if tool_schema is not None:
+            if self._json_schema is not None:
+                raise InvalidRequest(
+                    "'response_format' cannot be combined with a forced tool call "
+                    "('tool_choice' required or a named function).",
+                    param="response_format",
+                    code="invalid_value",
+                )
+            self._json_schema = tool_schema
         for i, message in enumerate(self.messages):
             if message.role != "user" and not message.text_only():
                 raise InvalidRequest(

@@ -22,6 +22,7 @@ import structlog
 from gateway.chat import ChatService, PreparedChat, checked_finish, engine_failure, usage_body
 from gateway.errors import GatewayError
 from gateway.logprob_stream import HeldLogprobs
+from gateway.tool_stream import ToolCallStream
 from guards.base import GuardInput
 from guards.decision import Decision
 from guards.pipeline import GuardPipeline
@@ -47,6 +48,7 @@ class ChoiceStream:
         self.deltas = 0
         self.open = True
         self.logprobs = HeldLogprobs()
+        self.tools = ToolCallStream(chat.request)
 
         async def check(text: str) -> Decision:
             item = GuardInput("output", chat.turns, completion=text)
@@ -183,13 +185,14 @@ class ChatStream:
                     step = await choice.moderator.finish() if moderated else _NOTHING
                 if step.result is not None:
                     choice.results = step.result.content_filter_results()
-                if step.release:
+                text = choice.tools.feed(step.release) if step.release else ""
+                if text:
                     if first_text:
                         service.observe_first_token(chat)
                         first_text = False
-                    released = choice.logprobs.release(len(step.release))
+                    released = choice.logprobs.release(len(text))
                     logprobs = openai_logprobs(released) if chat.request.logprobs else None
-                    out.append(chunk(choice, {"content": step.release}, None, logprobs))
+                    out.append(chunk(choice, {"content": text}, None, logprobs))
                 if step.blocked:
                     close(choice)
                     if isinstance(event, TextDelta):
@@ -198,7 +201,17 @@ class ChatStream:
                     out.append(chunk(choice, {}, "content_filter"))
                 elif not isinstance(event, TextDelta):
                     choice.open = False
-                    out.append(chunk(choice, {}, finished.reason))
+                    reason: str = finished.reason
+                    tail, call_deltas = choice.tools.finish(reason)
+                    if tail:
+                        released = choice.logprobs.release(len(tail))
+                        logprobs = openai_logprobs(released) if chat.request.logprobs else None
+                        out.append(chunk(choice, {"content": tail}, None, logprobs))
+                    for delta in call_deltas:
+                        out.append(chunk(choice, delta, None))
+                    if call_deltas:
+                        reason = "tool_calls"
+                    out.append(chunk(choice, {}, reason))
             service.count_tokens(prompt_tokens, completion_tokens)
             if include_usage:
                 out.append(

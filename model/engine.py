@@ -14,7 +14,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 from PIL.Image import Image
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
@@ -29,9 +29,21 @@ class ImagePart:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call the assistant made in an earlier turn."""
+
+    id: str
+    name: str
+    arguments: str  # a JSON object, as text (OpenAI's `function.arguments`)
+
+
+@dataclass(frozen=True)
 class ChatTurn:
     role: Role
     parts: tuple[TextPart | ImagePart, ...]
+    # An assistant turn's function calls; a `tool` turn answers the call `tool_call_id`.
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
     @property
     def images(self) -> list[Image]:
@@ -71,6 +83,9 @@ class EngineRequest:
     # upstream engine fetches a non-streamed answer in one piece (one response to parse, not
     # an SSE event per token, and the upstream writes it once).
     stream: bool = True
+    # The functions the model may call: OpenAI `tools` entries as a JSON array (None: none),
+    # rendered by the checkpoint's chat template.
+    tools_json: str | None = None
 
     @property
     def images(self) -> list[Image]:

@@ -155,12 +155,12 @@ class LocalMllamaEngine:
 
     # -- requests --------------------------------------------------------------------------
     def count_prompt_tokens(self, request: EngineRequest) -> int:
-        prompt, _ = self.renderer.render(request.messages)
+        prompt, _ = self.renderer.render(request.messages, request.tools_json)
         return len(self._processor.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
         scheduler = self.scheduler
-        prompt, images = self.renderer.render(request.messages)
+        prompt, images = self.renderer.render(request.messages, request.tools_json)
         schema = request.sampling.json_schema
         # Compiling a new schema takes milliseconds to seconds: never on the scheduler's thread.
         grammar = await asyncio.to_thread(self.grammars.row, schema) if schema else None

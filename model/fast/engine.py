@@ -243,7 +243,7 @@ class FastMllamaEngine:
 
     # -- requests ----------------------------------------------------------------------------
     def count_prompt_tokens(self, request: EngineRequest) -> int:
-        prompt, _ = self.renderer.render(request.messages)
+        prompt, _ = self.renderer.render(request.messages, request.tools_json)
         with self._processor_lock:
             ids = self._processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         return len(ids)
@@ -278,7 +278,7 @@ class FastMllamaEngine:
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
         """Stream text deltas, then one `Finished`; raises `EngineOverloaded` when full."""
         batcher = self.batcher
-        prompt, images = self.renderer.render(request.messages)
+        prompt, images = self.renderer.render(request.messages, request.tools_json)
         try:
             input_ids, tile_mask, prepared = await asyncio.to_thread(self.prepare, prompt, images)
         except Exception as exc:  # an image the processor cannot take

@@ -113,11 +113,32 @@ CASES: list[tuple[str, Any, int, str | None, str | None]] = [
         "presence_penalty",
     ),
     (
-        "tools",
-        chat(tools=[{"type": "function", "function": {"name": "f"}}]),
+        "tool_choice without tools",
+        chat(tool_choice="required"),
         400,
-        "unsupported_parameter",
-        "tools",
+        "invalid_value",
+        "tool_choice",
+    ),
+    (
+        "tool call arguments that are not a JSON object",
+        chat(
+            messages=[
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {
+                            "id": "c",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": "[1]"},
+                        }
+                    ],
+                },
+            ]
+        ),
+        400,
+        "invalid_value",
+        "messages[1].tool_calls[0].function.arguments",
     ),
     ("top_logprobs without logprobs", chat(top_logprobs=3), 400, "invalid_value", "top_logprobs"),
     (
