@@ -78,6 +78,16 @@ class PreparedChat:
         return self.prompt_tokens + self.completion_tokens
 
 
+@dataclass
+class Outcome:
+    """One finished choice, non-streamed."""
+
+    text: str
+    finished: Finished
+    logprobs: list[TokenLogprob]
+    calls: str  # an upstream's tool calls, as call text ("" for local engines)
+
+
 class EngineFailed(GatewayError):
     status_code = 500
     error_type = "server_error"
@@ -138,6 +148,7 @@ class ChatService:
             prompt_tokens = await asyncio.to_thread(engine.count_prompt_tokens, probe)
         max_tokens = self._max_tokens(request, prompt_tokens, engine.info.context_length)
         completion_id = f"chat-{secrets.token_hex(16)}"
+        passthrough = request.passthrough_json()
         engine_requests = [
             EngineRequest(
                 f"{completion_id}-{i}",
@@ -145,6 +156,7 @@ class ChatService:
                 request.sampling_params(max_tokens, i),
                 stream=bool(request.stream),
                 tools_json=tools,
+                passthrough_json=passthrough,
             )
             for i in range(request.choices)
         ]
@@ -241,17 +253,19 @@ class ChatService:
                 outcomes = await _all_or_nothing([self._collect(chat, r) for r in requests])
         except Exception as exc:
             raise engine_failure(exc) from exc
-        decisions = await self.check_output(chat, [text for text, _, _ in outcomes])
+        # The guards judge the whole answer: its text and the calls it makes.
+        decisions = await self.check_output(chat, [o.text + o.calls for o in outcomes])
         choices = []
         completion_tokens = 0
-        for index, ((text, finished, logprobs), decision) in enumerate(
-            zip(outcomes, decisions, strict=True)
-        ):
+        for index, (outcome, decision) in enumerate(zip(outcomes, decisions, strict=True)):
+            finished = outcome.finished
             completion_tokens += finished.completion_tokens
             # A withheld completion: finish_reason content_filter, and none of its text (nor of
             # its logprobs, which spell the same text, nor a tool call, whose arguments the
             # guards judged as that text).
-            message, reason = answer_message(chat.request, text, finished.reason)
+            message, reason = answer_message(
+                chat.request, outcome.text, finished.reason, outcome.calls
+            )
             if decision.blocked:
                 message, reason = {"role": "assistant", "content": ""}, "content_filter"
             choices.append(
@@ -259,7 +273,7 @@ class ChatService:
                     "index": index,
                     "message": message,
                     "logprobs": (
-                        openai_logprobs(logprobs)
+                        openai_logprobs(outcome.logprobs)
                         if chat.request.logprobs and reason in ("stop", "length")
                         else None
                     ),
@@ -267,7 +281,7 @@ class ChatService:
                     "content_filter_results": decision.content_filter_results(),
                 }
             )
-        prompt_tokens = outcomes[0][1].prompt_tokens
+        prompt_tokens = outcomes[0].finished.prompt_tokens
         chat.prompt_tokens, chat.completion_tokens = prompt_tokens, completion_tokens
         self.count_tokens(prompt_tokens, completion_tokens)
         return {
@@ -281,10 +295,9 @@ class ChatService:
             "system_fingerprint": self.system_fingerprint,
         }
 
-    async def _collect(
-        self, chat: PreparedChat, request: EngineRequest
-    ) -> tuple[str, Finished, list[TokenLogprob]]:
+    async def _collect(self, chat: PreparedChat, request: EngineRequest) -> Outcome:
         pieces: list[str] = []
+        calls: list[str] = []
         logprobs: list[TokenLogprob] = []
         first = True
         events = chat.engine.generate(request)
@@ -294,10 +307,10 @@ class ChatService:
                     if first:
                         self.observe_first_token(chat)
                         first = False
-                    pieces.append(event.text)
+                    (calls if event.tool_calls else pieces).append(event.text)
                     logprobs += event.logprobs
                 else:
-                    return "".join(pieces), checked_finish(event), logprobs
+                    return Outcome("".join(pieces), checked_finish(event), logprobs, "".join(calls))
         finally:
             # Closed here, at once: a generator left to the garbage collector is closed later
             # by the loop's finalizer hook, with a thread-safe wake-up and a task of its own.

@@ -7,6 +7,7 @@ does not implement are refused with `param` naming them, unless their value chan
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
@@ -31,6 +32,15 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "store": (None, False),
     "metadata": (None, {}),
     "verbosity": (None,),
+}
+# Sent on unchanged to upstream engines (local engines implement them themselves).
+PASSTHROUGH = {
+    "response_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "logprobs",
+    "top_logprobs",
 }
 # Accepted and ignored: they only label the request.
 _IGNORED_KNOWN = {"prompt_cache_key", "safety_identifier"}
@@ -283,6 +293,11 @@ class ChatCompletionRequest(BaseModel):
             ) from None
 
     # -- conversion ----------------------------------------------------------------------
+    def passthrough_json(self) -> str | None:
+        """The parameters an upstream engine gets unchanged (None when the client sent none)."""
+        fields = self.model_dump(include=PASSTHROUGH, exclude_none=True, by_alias=True, mode="json")
+        return json.dumps(fields) if fields else None
+
     @property
     def json_schema(self) -> str | None:
         """The canonical JSON schema the completion must match (None: free text)."""

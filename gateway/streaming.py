@@ -173,6 +173,7 @@ class ChatStream:
                     choice.deltas += 1
                     chat.completion_tokens += 1
                     choice.logprobs.add(event.text, event.logprobs)
+                    choice.tools.produced(event.text, event.tool_calls)
                     if moderated:
                         step = await choice.moderator.feed(event.text)
                     else:

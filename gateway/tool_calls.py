@@ -167,40 +167,54 @@ def tool_call_schema(request: ChatCompletionRequest) -> str | None:
     return canonical_schema(schema)
 
 
-def parse_tool_call(text: str, names: list[str]) -> ParsedToolCall | None:
-    """The call in a completion's text, in the template's format; None when it is not one."""
+def parse_tool_calls(text: str, names: list[str]) -> list[ParsedToolCall]:
+    """The calls in a completion's text, in the template's format (one object; an upstream's
+    several calls come as an array); [] when the text is not calls."""
     body = text.strip().removeprefix("<|python_tag|>").strip()
-    if not body.startswith("{"):
-        return None
+    if not body.startswith(("{", "[")):
+        return []
     try:
         value = json.loads(body)
     except ValueError:
-        return None
-    if not isinstance(value, dict) or value.get("name") not in names:
-        return None
-    arguments = value.get("parameters", value.get("arguments", {}))
-    if not isinstance(arguments, dict):
-        return None
-    return ParsedToolCall(str(value["name"]), json.dumps(arguments, ensure_ascii=False))
+        return []
+    items = value if isinstance(value, list) else [value]
+    calls = []
+    for item in items:
+        if not isinstance(item, dict) or item.get("name") not in names:
+            return []
+        arguments = item.get("parameters", item.get("arguments", {}))
+        if not isinstance(arguments, dict):
+            return []
+        calls.append(ParsedToolCall(str(item["name"]), json.dumps(arguments, ensure_ascii=False)))
+    return calls
 
 
 def _invalid(message: str, param: str) -> InvalidRequest:
     return InvalidRequest(message, param=param, code="invalid_value")
 
 
-def call_in_answer(request: ChatCompletionRequest, text: str, reason: str) -> ParsedToolCall | None:
-    """The tool call a finished completion makes (only a complete answer can be one)."""
+def calls_in_answer(request: ChatCompletionRequest, text: str, reason: str) -> list[ParsedToolCall]:
+    """The tool calls a finished completion makes (only a complete answer can hold one)."""
     if not tools_active(request) or reason != "stop":
-        return None
-    return parse_tool_call(text, forced_names(request) or tool_names(request))
+        return []
+    return parse_tool_calls(text, forced_names(request) or tool_names(request))
 
 
 def answer_message(
-    request: ChatCompletionRequest, text: str, reason: str
+    request: ChatCompletionRequest, text: str, reason: str, upstream_calls: str = ""
 ) -> tuple[dict[str, Any], str]:
-    """A non-streamed choice's `message` and `finish_reason`: a call, or the text."""
-    call = call_in_answer(request, text, reason)
-    if call is None:
-        return {"role": "assistant", "content": text}, reason
-    message = {"role": "assistant", "content": None, "tool_calls": [call.openai(new_call_id())]}
+    """A non-streamed choice's `message` and `finish_reason`: calls, or the text.
+
+    `upstream_calls`: an upstream's structured calls as call text (its content is `text`)."""
+    if upstream_calls:
+        calls = calls_in_answer(request, upstream_calls, reason)
+        if not calls:
+            return {"role": "assistant", "content": text + upstream_calls}, reason
+    else:
+        calls = calls_in_answer(request, text, reason)
+        if not calls:
+            return {"role": "assistant", "content": text}, reason
+        text = ""
+    tool_calls = [call.openai(new_call_id()) for call in calls]
+    message = {"role": "assistant", "content": text or None, "tool_calls": tool_calls}
     return message, "tool_calls"

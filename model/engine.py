@@ -86,6 +86,9 @@ class EngineRequest:
     # The functions the model may call: OpenAI `tools` entries as a JSON array (None: none),
     # rendered by the checkpoint's chat template.
     tools_json: str | None = None
+    # Upstream engines only: OpenAI parameters sent on unchanged (response_format, tools,
+    # tool_choice, logprobs...), as a JSON object.
+    passthrough_json: str | None = None
 
     @property
     def images(self) -> list[Image]:
@@ -114,6 +117,9 @@ class TextDelta:
     text: str
     # The tokens whose text this delta completes (only when the request asked for logprobs).
     logprobs: tuple[TokenLogprob, ...] = ()
+    # True when the text is tool calls in the Llama JSON format, made from an upstream's
+    # structured `tool_calls` (after any content text); local models' calls are plain text.
+    tool_calls: bool = False
 
 
 @dataclass(frozen=True)
