@@ -15,9 +15,10 @@ import pytest
 from transformers import AutoProcessor, MllamaForConditionalGeneration
 
 from model.engine import Engine, EngineRequest, Finished, TextDelta
+from model.fast import FastMllamaEngine
 from model.local_engine import LocalMllamaEngine
 from model.schema_check import JSON_OBJECT_SCHEMA, SchemaError, canonical_schema
-from tests.model.fast_support import make_engine, run
+from tests.model.fast_support import make_engine, run, together
 from tests.model.test_local_engine import image, request
 
 SCHEMAS: dict[str, dict[str, Any]] = {
@@ -152,8 +153,46 @@ def test_constrained_rows_batched_equal_alone(engine: Engine) -> None:
         request("Nested?", rid="g4", json_schema=canonical_schema(SCHEMAS["nested"])),
     ]
     alone = [asyncio.run(_all(engine, [r]))[0][0] for r in reqs]
-    together = [text for text, _ in asyncio.run(_all(engine, reqs))]
-    assert together == alone
+    assert asyncio.run(_together(engine, reqs)) == alone
+
+
+async def _together(engine: Engine, reqs: list[EngineRequest]) -> list[str]:
+    """Run `reqs` in the same batch(es): the fast engine admits them at one step; the batch
+    engine is kept busy by a long request while they queue (then text and image batches)."""
+    if isinstance(engine, FastMllamaEngine):
+        return await together(engine, reqs)
+    assert isinstance(engine, LocalMllamaEngine)
+    blocker = asyncio.create_task(run(engine, request("block", rid="blocker", max_tokens=60)))
+    while engine.scheduler.active_count == 0:
+        await asyncio.sleep(0.001)
+    tasks = [asyncio.create_task(run(engine, r)) for r in reqs]
+    while engine.scheduler.pending_count < len(reqs):
+        await asyncio.sleep(0.001)
+    # All queued at once: the worker then takes the text rows as one batch, the image rows next.
+    await blocker
+    results = [text for text, _, _ in await asyncio.gather(*tasks)]
+    assert engine.scheduler.last_batch_size == sum(1 for r in reqs if r.images)
+    return results
+
+
+def test_many_new_schemas_at_once(engine: Engine) -> None:
+    """Concurrent first compiles of distinct schemas (worker threads), each output valid."""
+    schemas = [
+        {
+            "type": "object",
+            "properties": {f"k{i}": {"type": "integer", "minimum": 0, "maximum": i}},
+            "required": [f"k{i}"],
+            "additionalProperties": False,
+        }
+        for i in range(1, 9)
+    ]
+    reqs = [
+        request("Go", rid=f"many-{i}", json_schema=canonical_schema(s), max_tokens=30)
+        for i, s in enumerate(schemas)
+    ]
+    for schema, (text, finished) in zip(schemas, asyncio.run(_all(engine, reqs)), strict=True):
+        assert finished.reason == "stop", text
+        jsonschema.validate(json.loads(text), schema)
 
 
 def test_deltas_carry_logprobs_of_their_tokens(engine: Engine) -> None:
