@@ -114,11 +114,18 @@ class RowGrammar:
         self._masks = masks
         self._after_lead = False
 
-    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+    @property
+    def masks(self) -> ByteMasks:
+        return self._masks
+
+    @property
+    def after_lead(self) -> bool:
+        """The last token ended in byte ED: the next must not continue a surrogate."""
+        return self._after_lead
+
+    def fill_grammar(self, bitmask: torch.Tensor, row: int) -> None:
+        """The grammar's own mask into `bitmask[row]` (without our byte masks)."""
         self._matcher.fill_next_token_bitmask(bitmask, row)
-        bitmask[row] &= self._masks.allowed
-        if self._after_lead:
-            bitmask[row] &= self._masks.after_lead
 
     def accept(self, token_id: int) -> bool:
         """Advance by the sampled token; False if the grammar forbids it (a bug upstream)."""
@@ -139,13 +146,33 @@ def mask_rows(grammars: Sequence[RowGrammar | None], logits: torch.Tensor, vocab
     if not rows:
         return
     bitmask = xgr.allocate_token_bitmask(len(grammars), vocab)
-    for i in rows:
-        grammar = grammars[i]
-        assert grammar is not None
-        grammar.fill(bitmask, i)
+    fill_rows(grammars, bitmask)
     xgr.apply_token_bitmask_inplace(
         logits, bitmask.to(logits.device, non_blocking=True), vocab_size=vocab, indices=rows
     )
+
+
+def fill_rows(grammars: Sequence[RowGrammar | None], bitmask: torch.Tensor) -> None:
+    """Each grammar's next-token mask into its row of `bitmask`, our byte masks ANDed in.
+
+    The byte masks go in with one tensor op for the whole batch (per row they cost more than
+    xgrammar's own fill): rows without a grammar are ANDed too, harmlessly, since only the
+    constrained rows are applied to the logits."""
+    lead: list[int] = []
+    masks: ByteMasks | None = None
+    for i, grammar in enumerate(grammars):
+        if grammar is None:
+            continue
+        grammar.fill_grammar(bitmask, i)
+        masks = grammar.masks
+        if grammar.after_lead:
+            lead.append(i)
+    if masks is None:
+        return
+    bitmask &= masks.allowed
+    if lead:
+        index = torch.tensor(lead, dtype=torch.long)
+        bitmask[index] = bitmask[index] & masks.after_lead
 
 
 def _pack(allowed: list[bool]) -> torch.Tensor:
