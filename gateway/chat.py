@@ -20,6 +20,7 @@ from gateway.model_routes import ModelRouter, gateway_error
 from gateway.moderation import ContentFiltered, GuardServices, policy_header
 from gateway.protocol import ChatCompletionRequest, ChatMessage, ImageContentPart
 from gateway.settings import Settings
+from gateway.tool_calls import answer_message, tools_json
 from guards.base import GuardInput
 from guards.decision import Decision
 from guards.pipeline import GuardPipeline, log_decision
@@ -33,7 +34,10 @@ from model.engine import (
     ImagePart,
     TextDelta,
     TextPart,
+    TokenLogprob,
+    ToolCall,
 )
+from model.logprobs import openai_logprobs
 from model.openai_wire import UpstreamError
 
 log = structlog.get_logger(__name__)
@@ -89,6 +93,16 @@ class PreparedChat:
         return self.prompt_tokens + self.completion_tokens
 
 
+@dataclass
+class Outcome:
+    """One finished choice, non-streamed."""
+
+    text: str
+    finished: Finished
+    logprobs: list[TokenLogprob]
+    calls: str  # an upstream's tool calls, as call text ("" for local engines)
+
+
 class EngineFailed(GatewayError):
     status_code = 500
     error_type = "server_error"
@@ -142,7 +156,8 @@ class ChatService:
         if not engine.ready():
             raise ServiceUnavailable("The model engine is not ready yet; retry shortly.")
         turns = await self._turns(request.messages)
-        probe = EngineRequest("probe", turns, request.sampling_params(1))
+        tools = tools_json(request)
+        probe = EngineRequest("probe", turns, request.sampling_params(1), tools_json=tools)
         if getattr(engine, "cheap_token_count", False):
             prompt_tokens = engine.count_prompt_tokens(probe)
         else:  # tokenizing a long prompt must not block the event loop
@@ -151,12 +166,15 @@ class ChatService:
         max_tokens = self._max_tokens(request, prompt_tokens, engine.info.context_length)
         image_tokens = self.image_tokens(engine, probe.images)
         completion_id = f"chat-{secrets.token_hex(16)}"
+        passthrough = request.passthrough_json()
         engine_requests = [
             EngineRequest(
                 f"{completion_id}-{i}",
                 turns,
                 request.sampling_params(max_tokens, i),
                 stream=bool(request.stream),
+                tools_json=tools,
+                passthrough_json=passthrough,
             )
             for i in range(request.choices)
         ]
@@ -209,14 +227,20 @@ class ChatService:
         turns: list[ChatTurn] = []
         for message in messages:
             role = "system" if message.role == "developer" else message.role
-            if isinstance(message.content, str):
-                parts: tuple[TextPart | ImagePart, ...] = (TextPart(message.content),)
+            if message.content is None:  # an assistant message with tool calls only
+                parts: tuple[TextPart | ImagePart, ...] = (TextPart(""),)
+            elif isinstance(message.content, str):
+                parts = (TextPart(message.content),)
             else:
                 parts = tuple(
                     ImagePart(next(loaded)) if isinstance(p, ImageContentPart) else TextPart(p.text)
                     for p in message.content
                 )
-            turns.append(ChatTurn(role, parts))
+            calls = tuple(
+                ToolCall(c.id, c.function.name, c.function.arguments)
+                for c in message.tool_calls or []
+            )
+            turns.append(ChatTurn(role, parts, calls, message.tool_call_id))
         return tuple(turns)
 
     def _max_tokens(self, request: ChatCompletionRequest, prompt_tokens: int, context: int) -> int:
@@ -272,22 +296,35 @@ class ChatService:
                 outcomes = await _all_or_nothing([self._collect(chat, r) for r in requests])
         except Exception as exc:
             raise engine_failure(exc) from exc
-        decisions = await self.check_output(chat, [text for text, _ in outcomes])
+        # The guards judge the whole answer: its text and the calls it makes.
+        decisions = await self.check_output(chat, [o.text + o.calls for o in outcomes])
         choices = []
         completion_tokens = 0
-        for index, ((text, finished), decision) in enumerate(zip(outcomes, decisions, strict=True)):
+        for index, (outcome, decision) in enumerate(zip(outcomes, decisions, strict=True)):
+            finished = outcome.finished
             completion_tokens += finished.completion_tokens
-            # A withheld completion: finish_reason content_filter, and none of its text.
+            # A withheld completion: finish_reason content_filter, and none of its text (nor of
+            # its logprobs, which spell the same text, nor a tool call, whose arguments the
+            # guards judged as that text).
+            message, reason = answer_message(
+                chat.request, outcome.text, finished.reason, outcome.calls
+            )
+            if decision.blocked:
+                message, reason = {"role": "assistant", "content": ""}, "content_filter"
             choices.append(
                 {
                     "index": index,
-                    "message": {"role": "assistant", "content": "" if decision.blocked else text},
-                    "logprobs": None,
-                    "finish_reason": "content_filter" if decision.blocked else finished.reason,
+                    "message": message,
+                    "logprobs": (
+                        openai_logprobs(outcome.logprobs)
+                        if chat.request.logprobs and reason in ("stop", "length")
+                        else None
+                    ),
+                    "finish_reason": reason,
                     "content_filter_results": decision.content_filter_results(),
                 }
             )
-        prompt_tokens = chat.with_images(outcomes[0][1].prompt_tokens)
+        prompt_tokens = chat.with_images(outcomes[0].finished.prompt_tokens)
         chat.prompt_tokens, chat.completion_tokens = prompt_tokens, completion_tokens
         self.count_tokens(prompt_tokens, completion_tokens)
         return {
@@ -301,8 +338,10 @@ class ChatService:
             "system_fingerprint": self.system_fingerprint,
         }
 
-    async def _collect(self, chat: PreparedChat, request: EngineRequest) -> tuple[str, Finished]:
+    async def _collect(self, chat: PreparedChat, request: EngineRequest) -> Outcome:
         pieces: list[str] = []
+        calls: list[str] = []
+        logprobs: list[TokenLogprob] = []
         first = True
         events = chat.engine.generate(request)
         try:
@@ -311,9 +350,10 @@ class ChatService:
                     if first:
                         self.observe_first_token(chat)
                         first = False
-                    pieces.append(event.text)
+                    (calls if event.tool_calls else pieces).append(event.text)
+                    logprobs += event.logprobs
                 else:
-                    return "".join(pieces), checked_finish(event)
+                    return Outcome("".join(pieces), checked_finish(event), logprobs, "".join(calls))
         finally:
             # Closed here, at once: a generator left to the garbage collector is closed later
             # by the loop's finalizer hook, with a thread-safe wake-up and a task of its own.

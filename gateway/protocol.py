@@ -7,24 +7,22 @@ does not implement are refused with `param` naming them, unless their value chan
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from gateway.errors import InvalidRequest
+from gateway.tool_calls import check_tools, tool_call_schema
 from model.engine import SamplingParams
+from model.logprobs import MAX_TOP_LOGPROBS
+from model.schema_check import JSON_OBJECT_SCHEMA, SchemaError, canonical_schema
 
 # Known OpenAI parameters we do not implement, with the values that change nothing.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
-    "parallel_tool_calls": (None, True, False),
     "logit_bias": (None, {}),
-    "response_format": (None, {"type": "text"}),
     "modalities": (None, ["text"]),
     "audio": (None,),
     "prediction": (None,),
@@ -34,6 +32,15 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "store": (None, False),
     "metadata": (None, {}),
     "verbosity": (None,),
+}
+# Sent on unchanged to upstream engines (local engines implement them themselves).
+PASSTHROUGH = {
+    "response_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "logprobs",
+    "top_logprobs",
 }
 # Accepted and ignored: they only label the request.
 _IGNORED_KNOWN = {"prompt_cache_key", "safety_identifier"}
@@ -61,12 +68,30 @@ class ImageContentPart(_Model):
 ContentPart = Annotated[TextContentPart | ImageContentPart, Field(discriminator="type")]
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str = Field(min_length=1)
+    arguments: str
+
+
+class ToolCallIn(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # None only for an assistant message that carries tool calls.
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
 
     @field_validator("content")
     @classmethod
@@ -76,12 +101,14 @@ class ChatMessage(BaseModel):
         return value
 
     def text_only(self) -> bool:
-        return isinstance(self.content, str) or all(
-            isinstance(p, TextContentPart) for p in self.content
+        return (
+            self.content is None
+            or isinstance(self.content, str)
+            or all(isinstance(p, TextContentPart) for p in self.content)
         )
 
     def image_urls(self) -> list[str]:
-        if isinstance(self.content, str):
+        if self.content is None or isinstance(self.content, str):
             return []
         return [p.image_url.url for p in self.content if isinstance(p, ImageContentPart)]
 
@@ -89,6 +116,43 @@ class ChatMessage(BaseModel):
 class StreamOptions(_Model):
     include_usage: bool | None = None
     include_obfuscation: bool | None = None
+
+
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Model):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolSpec(_Model):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(_Model):
+    name: str
+
+
+class NamedToolChoice(_Model):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(BaseModel):
@@ -108,6 +172,14 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # The response format's schema, checked and canonical (set by check_semantics).
+    _json_schema: str | None = PrivateAttr(default=None)
 
     @field_validator("messages")
     @classmethod
@@ -169,6 +241,24 @@ class ChatCompletionRequest(BaseModel):
                 param="max_completion_tokens",
                 code="invalid_value",
             )
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest(
+                "'top_logprobs' requires 'logprobs' to be true.",
+                param="top_logprobs",
+                code="invalid_value",
+            )
+        self._json_schema = self._checked_response_schema()
+        check_tools(self)
+        tool_schema = tool_call_schema(self)
+        if tool_schema is not None:
+            if self._json_schema is not None:
+                raise InvalidRequest(
+                    "'response_format' cannot be combined with a forced tool call "
+                    "('tool_choice' required or a named function).",
+                    param="response_format",
+                    code="invalid_value",
+                )
+            self._json_schema = tool_schema
         for i, message in enumerate(self.messages):
             if message.role != "user" and not message.text_only():
                 raise InvalidRequest(
@@ -177,7 +267,42 @@ class ChatCompletionRequest(BaseModel):
                     code="invalid_value",
                 )
 
+    def _checked_response_schema(self) -> str | None:
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return JSON_OBJECT_SCHEMA
+        param = "response_format.json_schema"
+        if fmt.json_schema is None:
+            raise InvalidRequest(
+                f"Missing required parameter: '{param}'.",
+                param=param,
+                code="missing_required_parameter",
+            )
+        schema = fmt.json_schema.schema_
+        if schema is None:  # OpenAI: no schema means any JSON object
+            return JSON_OBJECT_SCHEMA
+        try:
+            return canonical_schema(schema)
+        except SchemaError as exc:
+            raise InvalidRequest(
+                f"Invalid schema for response_format '{fmt.json_schema.name}': {exc}.",
+                param=f"{param}.schema",
+                code="invalid_json_schema",
+            ) from None
+
     # -- conversion ----------------------------------------------------------------------
+    def passthrough_json(self) -> str | None:
+        """The parameters an upstream engine gets unchanged (None when the client sent none)."""
+        fields = self.model_dump(include=PASSTHROUGH, exclude_none=True, by_alias=True, mode="json")
+        return json.dumps(fields) if fields else None
+
+    @property
+    def json_schema(self) -> str | None:
+        """The canonical JSON schema the completion must match (None: free text)."""
+        return self._json_schema
+
     @property
     def choices(self) -> int:
         return self.n or 1
@@ -212,6 +337,8 @@ class ChatCompletionRequest(BaseModel):
             stop=self.stop_sequences,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
+            json_schema=self._json_schema,
+            top_logprobs=(self.top_logprobs or 0) if self.logprobs else None,
         )
 
 

@@ -21,11 +21,14 @@ import structlog
 
 from gateway.chat import ChatService, PreparedChat, checked_finish, engine_failure, usage_body
 from gateway.errors import GatewayError
+from gateway.logprob_stream import HeldLogprobs
+from gateway.tool_stream import ToolCallStream
 from guards.base import GuardInput
 from guards.decision import Decision
 from guards.pipeline import GuardPipeline
 from guards.streaming import ModerationStep, StreamModerator
 from model.engine import EngineEvent, TextDelta
+from model.logprobs import openai_logprobs
 from model.openai_wire import json_bytes
 
 log = structlog.get_logger(__name__)
@@ -51,6 +54,8 @@ class ChoiceStream:
         self.deltas = 0
         self.open = True
         audited: dict[str, str] = {}
+        self.logprobs = HeldLogprobs()
+        self.tools = ToolCallStream(chat.request)
 
         async def check(text: str) -> Decision:
             item = GuardInput("output", chat.turns, completion=text)
@@ -129,7 +134,12 @@ class ChatStream:
         completion_tokens = 0
         prompt_tokens = chat.prompt_tokens
 
-        def chunk(choice: ChoiceStream, delta: dict[str, Any], finish: str | None) -> bytes:
+        def chunk(
+            choice: ChoiceStream,
+            delta: dict[str, Any],
+            finish: str | None,
+            logprobs: dict[str, Any] | None = None,
+        ) -> bytes:
             body: dict[str, Any] = {
                 "id": chat.completion_id,
                 "object": "chat.completion.chunk",
@@ -140,7 +150,7 @@ class ChatStream:
                     {
                         "index": choice.index,
                         "delta": delta,
-                        "logprobs": None,
+                        "logprobs": logprobs,
                         "finish_reason": finish,
                         "content_filter_results": choice.results,
                     }
@@ -177,6 +187,8 @@ class ChatStream:
                 if isinstance(event, TextDelta):
                     choice.deltas += 1
                     chat.completion_tokens += 1
+                    choice.logprobs.add(event.text, event.logprobs)
+                    choice.tools.produced(event.text, event.tool_calls)
                     if moderated:
                         step = await choice.moderator.feed(event.text)
                     else:
@@ -189,11 +201,14 @@ class ChatStream:
                     step = await choice.moderator.finish() if moderated else _NOTHING
                 if step.result is not None:
                     choice.results = step.result.content_filter_results()
-                if step.release:
+                text = choice.tools.feed(step.release) if step.release else ""
+                if text:
                     if first_text:
                         service.observe_first_token(chat)
                         first_text = False
-                    out.append(chunk(choice, {"content": step.release}, None))
+                    released = choice.logprobs.release(len(text))
+                    logprobs = openai_logprobs(released) if chat.request.logprobs else None
+                    out.append(chunk(choice, {"content": text}, None, logprobs))
                 if step.blocked:
                     close(choice)
                     if isinstance(event, TextDelta):
@@ -202,7 +217,17 @@ class ChatStream:
                     out.append(chunk(choice, {}, "content_filter"))
                 elif not isinstance(event, TextDelta):
                     choice.open = False
-                    out.append(chunk(choice, {}, finished.reason))
+                    reason: str = finished.reason
+                    tail, call_deltas = choice.tools.finish(reason)
+                    if tail:
+                        released = choice.logprobs.release(len(tail))
+                        logprobs = openai_logprobs(released) if chat.request.logprobs else None
+                        out.append(chunk(choice, {"content": tail}, None, logprobs))
+                    for delta in call_deltas:
+                        out.append(chunk(choice, delta, None))
+                    if call_deltas:
+                        reason = "tool_calls"
+                    out.append(chunk(choice, {}, reason))
             service.count_tokens(prompt_tokens, completion_tokens)
             if include_usage:
                 out.append(

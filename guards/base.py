@@ -62,7 +62,7 @@ class GuardInput:
         return "\n".join(
             p.text
             for turn in self.messages
-            if turn.role in ("user", "system")
+            if turn.role in ("user", "system", "tool")
             for p in turn.parts
             if isinstance(p, TextPart)
         )

@@ -9,8 +9,9 @@ weight; families combine as independent evidence: `score = 1 - prod(1 - w)`. One
 
 Where the text comes from decides the category:
 - the user's turns -> `jailbreak` (a direct attack by the client);
-- system and assistant turns -> `indirect_attack` (instructions planted in content the model
-  treats as privileged or as its own: pasted transcripts, documents, forged history).
+- system, assistant and tool turns -> `indirect_attack` (instructions planted in content the
+  model treats as privileged or as its own: pasted transcripts, documents, forged history, and
+  tool results such as fetched web pages).
 
 The text is normalised like the blocklists (case, NFKC, confusables, zero-width characters),
 and also matched with leetspeak undone inside words (`1gn0re` -> `ignore`). Patterns are written
@@ -393,14 +394,18 @@ def _combine(results: Sequence[HeuristicResult]) -> HeuristicResult:
     return best
 
 
-ALL_ROLES = ("system", "user", "assistant")
+ALL_ROLES = ("system", "user", "assistant", "tool")
+# Content the user did not write: instructions planted there are indirect attacks. Tool results
+# (`role: "tool"`) are third-party content by definition (web pages, files, API answers).
+THIRD_PARTY_ROLES = ("system", "assistant", "tool")
 # Up to this many characters per batch are scored on the event loop (well under a millisecond
 # per kilobyte); longer batches go to a worker thread.
 INLINE_MAX_CHARS = 8192
 
 
 class JailbreakHeuristicGuard:
-    """`jailbreak` from the user's turns, `indirect_attack` from system and assistant turns."""
+    """`jailbreak` from the user's turns, `indirect_attack` from system, assistant and tool
+    turns."""
 
     name = "jailbreak_heuristic"
     stages: frozenset[Stage] = frozenset({"input"})
@@ -424,7 +429,7 @@ class JailbreakHeuristicGuard:
     def check_one(self, item: GuardInput) -> GuardVerdict:
         started = time.perf_counter()
         direct = _combine([score_text(t) for t in _texts(item, ("user",))])
-        planted = _combine([score_text(t) for t in _texts(item, ("system", "assistant"))])
+        planted = _combine([score_text(t) for t in _texts(item, THIRD_PARTY_ROLES)])
         details = {
             "jailbreak": {"score": direct.score, "signals": direct.signals},
             "indirect_attack": {"score": planted.score, "signals": planted.signals},

@@ -277,7 +277,9 @@ class LlamaGuard(BatchingGuard):
             if turn.role == "system":
                 system.append(text)
                 continue
-            turns.append((turn.role, text))
+            # A tool result is content brought into the conversation on the user's side:
+            # Llama Guard knows only User and Agent turns.
+            turns.append(("user" if turn.role == "tool" else turn.role, text))
             if turn.role == "user":
                 images = [p.image for p in turn.parts if isinstance(p, ImagePart)]
                 if images:

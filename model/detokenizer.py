@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from model.engine import Fault, Finished, FinishReason, TextDelta
+from model.engine import Fault, Finished, FinishReason, TextDelta, TokenLogprob
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -127,10 +127,15 @@ class StreamedSequence(Protocol):
 
 
 def finish_stream(
-    seq: StreamedSequence, reason: FinishReason, error: str | None = None, fault: Fault = "server"
+    seq: StreamedSequence,
+    reason: FinishReason,
+    error: str | None = None,
+    fault: Fault = "server",
+    logprobs: tuple[TokenLogprob, ...] = (),
 ) -> None:
     """End a request's stream once: release held text (unless it stopped or failed), then one
-    `Finished` event with the exact token counts."""
+    `Finished` event with the exact token counts. `logprobs`: those of the tokens whose text
+    was still held back (they go with the released tail)."""
     if seq.done:
         return
     seq.done = True
@@ -138,5 +143,5 @@ def finish_stream(
     if reason in ("stop", "length"):
         tail = seq.detok.flush()
         if tail:
-            seq.emit(TextDelta(tail))
+            seq.emit(TextDelta(tail, logprobs))
     seq.emit(Finished(reason, seq.prompt_tokens, seq.completion_tokens, error, fault))

@@ -96,12 +96,14 @@ class PromptEncoder:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return [int(i) for i in ids]
 
-    def render(self, turns: tuple[ChatTurn, ...]) -> tuple[str, list[Image]]:
-        return self.renderer.render(turns)
+    def render(
+        self, turns: tuple[ChatTurn, ...], tools_json: str | None = None
+    ) -> tuple[str, list[Image]]:
+        return self.renderer.render(turns, tools_json)
 
-    def count(self, turns: tuple[ChatTurn, ...]) -> int:
+    def count(self, turns: tuple[ChatTurn, ...], tools_json: str | None = None) -> int:
         """Exact prompt tokens of a conversation, as `encode` will produce them."""
-        prompt, _ = self.renderer.render(turns)
+        prompt, _ = self.renderer.render(turns, tools_json)
         return len(self.token_ids(prompt))
 
     # -- model inputs ------------------------------------------------------------------------

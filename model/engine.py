@@ -14,7 +14,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 from PIL.Image import Image
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 # Whose fault an error is: "request" (its own input; the client gets a 4xx with the error's
 # text, which engines write for clients) or "server" (a 500 that never shows the error's text).
@@ -32,9 +32,21 @@ class ImagePart:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call the assistant made in an earlier turn."""
+
+    id: str
+    name: str
+    arguments: str  # a JSON object, as text (OpenAI's `function.arguments`)
+
+
+@dataclass(frozen=True)
 class ChatTurn:
     role: Role
     parts: tuple[TextPart | ImagePart, ...]
+    # An assistant turn's function calls; a `tool` turn answers the call `tool_call_id`.
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
     @property
     def images(self) -> list[Image]:
@@ -53,6 +65,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # A JSON schema (canonical JSON text) the completion must match, enforced token by token
+    # (`model.grammar`); `{"type": "object"}` for OpenAI's JSON mode. None: free text.
+    json_schema: str | None = None
+    # None: no logprobs. 0..20: each token's logprob and that many alternatives.
+    top_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -69,6 +86,12 @@ class EngineRequest:
     # upstream engine fetches a non-streamed answer in one piece (one response to parse, not
     # an SSE event per token, and the upstream writes it once).
     stream: bool = True
+    # The functions the model may call: OpenAI `tools` entries as a JSON array (None: none),
+    # rendered by the checkpoint's chat template.
+    tools_json: str | None = None
+    # Upstream engines only: OpenAI parameters sent on unchanged (response_format, tools,
+    # tool_choice, logprobs...), as a JSON object.
+    passthrough_json: str | None = None
 
     @property
     def images(self) -> list[Image]:
@@ -76,8 +99,30 @@ class EngineRequest:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log probability, with the most likely alternatives."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class TextDelta:
     text: str
+    # The tokens whose text this delta completes (only when the request asked for logprobs).
+    logprobs: tuple[TokenLogprob, ...] = ()
+    # True when the text is tool calls in the Llama JSON format, made from an upstream's
+    # structured `tool_calls` (after any content text); local models' calls are plain text.
+    tool_calls: bool = False
 
 
 @dataclass(frozen=True)

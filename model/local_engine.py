@@ -23,6 +23,8 @@ from model.engine import (
     EngineRequest,
     Finished,
 )
+from model.grammar import GrammarBook
+from model.logprobs import TokenBytes
 from model.prompt import PromptRenderer
 from model.runner import MllamaRunner
 from model.scheduler import BatchScheduler, queue_emitter
@@ -72,6 +74,7 @@ class LocalMllamaEngine:
         self._model: Any = None
         self._scheduler: BatchScheduler | None = None
         self._encoder: PromptEncoder | None = None
+        self._grammars: GrammarBook | None = None
         self._context_length = context_length or 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -97,8 +100,14 @@ class LocalMllamaEngine:
         # scheduler thread encodes batches (a shared fast tokenizer is not thread-safe).
         encoder = PromptEncoder(processor)
         runner = MllamaRunner(model, encoder.pad_id, self._device)
+        eos = eos_ids(processor, model)
+        self._grammars = GrammarBook(processor.tokenizer, runner.vocab_size, eos)
         self._scheduler = BatchScheduler(
-            runner, encoder, eos_ids(processor, model), self._max_batch
+            runner,
+            encoder,
+            eos,
+            self._max_batch,
+            TokenBytes(processor.tokenizer, lambda: self.grammars.decoded_vocab),
         )
         self._processor, self._model, self._encoder = processor, model, encoder
         self._scheduler.start()
@@ -128,6 +137,12 @@ class LocalMllamaEngine:
         return self._scheduler
 
     @property
+    def grammars(self) -> GrammarBook:
+        if self._grammars is None:
+            raise EngineError("the engine is not loaded yet")
+        return self._grammars
+
+    @property
     def encoder(self) -> PromptEncoder:
         if self._encoder is None:
             raise EngineError("the engine is not loaded yet")
@@ -147,14 +162,17 @@ class LocalMllamaEngine:
 
     # -- requests --------------------------------------------------------------------------
     def count_prompt_tokens(self, request: EngineRequest) -> int:
-        return self.encoder.count(request.messages)
+        return self.encoder.count(request.messages, request.tools_json)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
         scheduler = self.scheduler
-        prompt, images = self.encoder.render(request.messages)
+        prompt, images = self.encoder.render(request.messages, request.tools_json)
+        schema = request.sampling.json_schema
+        # Compiling a new schema takes milliseconds to seconds: never on the scheduler's thread.
+        grammar = await asyncio.to_thread(self.grammars.row, schema) if schema else None
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
-        seq = scheduler.new_sequence(request, prompt, images, queue_emitter(loop, queue))
+        seq = scheduler.new_sequence(request, prompt, images, queue_emitter(loop, queue), grammar)
         scheduler.submit(seq)
         try:
             while True:

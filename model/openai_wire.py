@@ -20,7 +20,7 @@ import math
 import random
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -37,6 +37,13 @@ from model.engine import (
     ImagePart,
     TextDelta,
     TextPart,
+)
+from model.wire_extras import (
+    ToolCallAssembler,
+    calls_text,
+    logprob_entries,
+    passthrough_fields,
+    tool_turn_message,
 )
 
 # The engine protocol's FinishReason has no "content_filter" yet; the gateway passes any
@@ -110,6 +117,9 @@ def openai_messages(turns: tuple[ChatTurn, ...]) -> list[dict[str, Any]]:
     """Engine turns -> OpenAI messages; a lone text part stays a plain string."""
     out: list[dict[str, Any]] = []
     for turn in turns:
+        if (message := tool_turn_message(turn)) is not None:
+            out.append(message)
+            continue
         if len(turn.parts) == 1 and isinstance(turn.parts[0], TextPart):
             out.append({"role": turn.role, "content": turn.parts[0].text})
             continue
@@ -145,7 +155,8 @@ def sampling_fields(request: EngineRequest) -> dict[str, Any]:
         body["presence_penalty"] = s.presence_penalty
     if s.frequency_penalty:
         body["frequency_penalty"] = s.frequency_penalty
-    return body
+    # response_format, tools, logprobs...: as the client sent them (never the local grammar).
+    return body | passthrough_fields(request)
 
 
 class PromptCounter:
@@ -254,9 +265,11 @@ class StreamState:
     done: bool = False
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    tool_calls: ToolCallAssembler = field(default_factory=ToolCallAssembler)
 
     def reset(self) -> None:
         self.finish, self.done, self.prompt_tokens, self.completion_tokens = None, False, None, None
+        self.tool_calls = ToolCallAssembler()
 
     def take_usage(self, usage: object) -> None:
         if isinstance(usage, dict):
@@ -369,11 +382,16 @@ def sse_events(data: bytes, state: StreamState) -> list[EngineEvent]:
             continue  # we always send n=1; anything else is not ours to forward
         delta = choice.get("delta")
         text = delta.get("content") if isinstance(delta, dict) else None
+        if isinstance(delta, dict) and delta.get("tool_calls"):
+            state.tool_calls.add(delta["tool_calls"])
         if isinstance(text, str) and text:
             state.deltas += 1
-            events.append(TextDelta(text))
+            events.append(TextDelta(text, logprob_entries(choice.get("logprobs"))))
         if choice.get("finish_reason"):
             state.finish = choice["finish_reason"]
+            if calls := state.tool_calls.take_text():  # whole calls, in the Llama format
+                state.deltas += 1
+                events.append(TextDelta(calls, tool_calls=True))
     return events
 
 
@@ -387,6 +405,7 @@ def whole_answer(body: bytes, state: StreamState) -> list[EngineEvent]:
     try:
         choice = obj["choices"][0]
         text = choice["message"].get("content") or ""
+        calls = calls_text(choice["message"].get("tool_calls"))
     except (KeyError, IndexError, TypeError, AttributeError):
         raise UpstreamBadResponse(
             "The upstream answered with JSON that is not a completion."
@@ -395,8 +414,11 @@ def whole_answer(body: bytes, state: StreamState) -> list[EngineEvent]:
     state.take_usage(obj.get("usage"))
     state.done = True
     if state.completion_tokens is None:  # no usage: the same estimate as for prompts
-        state.completion_tokens = math.ceil(len(text) / 4)
-    if not text:
-        return []
-    state.deltas += 1
-    return [TextDelta(str(text))]
+        state.completion_tokens = math.ceil((len(text) + len(calls)) / 4)
+    events: list[EngineEvent] = []
+    if text:
+        events.append(TextDelta(str(text), logprob_entries(choice.get("logprobs"))))
+    if calls:
+        events.append(TextDelta(calls, tool_calls=True))
+    state.deltas += len(events)
+    return events

@@ -8,6 +8,7 @@ broken with a WORD JOINER (U+2060) so they tokenize as plain text.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import weakref
@@ -48,10 +49,34 @@ class PromptRenderer:
             return text
         return self._special.sub(lambda m: m.group(0)[0] + WORD_JOINER + m.group(0)[1:], text)
 
+    def neutralize_json(self, text: str) -> Any:
+        """Parsed JSON whose strings cannot spell control tokens (the template dumps it again)."""
+        return json.loads(self.neutralize(text))
+
     def messages(self, turns: tuple[ChatTurn, ...]) -> list[dict[str, Any]]:
         """Chat-template messages: images become `{"type": "image"}` parts (<|image|>)."""
         out: list[dict[str, Any]] = []
         for turn in turns:
+            if turn.tool_calls:
+                # The Llama 3.1 template writes `arguments | tojson`: it wants an object, not
+                # OpenAI's JSON string (which it would quote a second time).
+                calls = [
+                    {
+                        "id": call.id,
+                        "type": "function",
+                        "function": {
+                            "name": self.neutralize(call.name),
+                            "arguments": self.neutralize_json(call.arguments),
+                        },
+                    }
+                    for call in turn.tool_calls
+                ]
+                out.append({"role": turn.role, "content": "", "tool_calls": calls})
+                continue
+            if turn.role == "tool":
+                text = "\n".join(p.text for p in turn.parts if isinstance(p, TextPart))
+                out.append({"role": "tool", "content": self._tool_content(text)})
+                continue
             if not turn.images:
                 # Text-only turns as one string: the template trims the system message as a
                 # string (a list would be rendered as its Python repr). Parts join with "\n".
@@ -67,7 +92,18 @@ class PromptRenderer:
             out.append({"role": turn.role, "content": content})
         return out
 
-    def render(self, turns: tuple[ChatTurn, ...]) -> tuple[str, list[Image]]:
+    def _tool_content(self, text: str) -> Any:
+        """A tool result: JSON objects and arrays as values (the template writes them with
+        `tojson`, which would quote a JSON text once more), anything else as text."""
+        try:
+            value = self.neutralize_json(text)
+        except ValueError:
+            return self.neutralize(text)
+        return value if isinstance(value, dict | list) else self.neutralize(text)
+
+    def render(
+        self, turns: tuple[ChatTurn, ...], tools_json: str | None = None
+    ) -> tuple[str, list[Image]]:
         """The templated prompt (ending with the assistant header) and its images in order.
 
         One request is rendered several times (token counting at admission, then each of its
@@ -78,15 +114,21 @@ class PromptRenderer:
             hit = self._recent.get(id(turns))
         if (
             hit is not None
+            and tools_json is None
             and len(hit[0]) == len(turns)
             and all(ref() is turn for ref, turn in zip(hit[0], turns, strict=True))
         ):
             return hit[1], images
+        extra: dict[str, Any] = {}
+        if tools_json is not None:
+            extra["tools"] = self.neutralize_json(tools_json)
         text = str(
             self._processor.apply_chat_template(
-                self.messages(turns), add_generation_prompt=True, tokenize=False
+                self.messages(turns), add_generation_prompt=True, tokenize=False, **extra
             )
         )
+        if tools_json is not None:
+            return text, images  # not remembered: the cache is keyed by the turns alone
         with self._lock:
             self._recent[id(turns)] = (tuple(weakref.ref(t) for t in turns), text)
             while len(self._recent) > self.RECENT:

@@ -34,12 +34,21 @@ class TokenSampler:
 
     def sample(self, logits: torch.Tensor) -> int:
         """`logits`: a 1-D float tensor over the vocabulary (any device)."""
+        return self.choose(self.scores(logits))
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """The row that sampling draws from (and logprobs are computed on): float32 on the CPU,
+        penalties applied, before temperature and top_p."""
         row = logits.detach().to("cpu", torch.float32)
         row = row[: self._counts.numel()]
         if self.uses_penalties:
             # OpenAI's definition: mu[j] - c[j] * alpha_frequency - (c[j] > 0) * alpha_presence.
             row = row - self._counts * self.params.frequency_penalty
             row = row - (self._counts > 0).float() * self.params.presence_penalty
+        return row
+
+    def choose(self, row: torch.Tensor) -> int:
+        """Draw the next token from `scores(...)`'s row."""
         if self.params.greedy:
             return int(torch.argmax(row).item())
         probs = torch.softmax(row / self.params.temperature, dim=-1)

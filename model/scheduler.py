@@ -30,7 +30,9 @@ from PIL.Image import Image
 
 from model.detokenizer import IncrementalDetokenizer, finish_stream
 from model.encoding import EncodedPrompt, InputRejected, PromptEncoder
-from model.engine import EngineEvent, EngineRequest, Fault, FinishReason, TextDelta
+from model.engine import EngineEvent, EngineRequest, Fault, FinishReason, TextDelta, TokenLogprob
+from model.grammar import RowGrammar, mask_rows
+from model.logprobs import TokenBytes, token_logprob
 from model.runner import MllamaRunner
 from model.sampling import TokenSampler
 
@@ -53,6 +55,9 @@ class Sequence:
     cancelled: bool = False
     done: bool = False
     finish_reason: FinishReason | None = field(default=None)
+    grammar: RowGrammar | None = None
+    # Logprobs of tokens whose text the detokenizer has not released yet.
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def has_images(self) -> bool:
@@ -61,7 +66,12 @@ class Sequence:
     def finish(
         self, reason: FinishReason, error: str | None = None, fault: Fault = "server"
     ) -> None:
-        finish_stream(self, reason, error, fault)
+        finish_stream(self, reason, error, fault, logprobs=self.take_logprobs())
+
+    def take_logprobs(self) -> tuple[TokenLogprob, ...]:
+        taken = tuple(self.pending_logprobs)
+        self.pending_logprobs.clear()
+        return taken
 
 
 def queue_emitter(
@@ -84,11 +94,13 @@ class BatchScheduler:
         encoder: PromptEncoder,
         eos_token_ids: Iterable[int],
         max_batch_size: int,
+        token_bytes: TokenBytes | None = None,
     ) -> None:
         self._runner = runner
         self._encoder = encoder
         # Decoding only reads the tokenizer (encoding.py: its state never changes after start).
         self._decoder = encoder.tokenizer
+        self._token_bytes = token_bytes
         self._eos = frozenset(eos_token_ids)
         self._max_batch = max(1, max_batch_size)
         self._pending: deque[Sequence] = deque()
@@ -101,7 +113,12 @@ class BatchScheduler:
 
     # -- interface -----------------------------------------------------------------------
     def new_sequence(
-        self, request: EngineRequest, prompt: str, images: list[Image], emit: Callable[..., None]
+        self,
+        request: EngineRequest,
+        prompt: str,
+        images: list[Image],
+        emit: Callable[..., None],
+        grammar: RowGrammar | None = None,
     ) -> Sequence:
         return Sequence(
             request=request,
@@ -110,6 +127,7 @@ class BatchScheduler:
             emit=emit,
             sampler=TokenSampler(request.sampling, self._runner.vocab_size),
             detok=IncrementalDetokenizer(self._decoder, request.sampling.stop),
+            grammar=grammar,
         )
 
     def submit(self, seq: Sequence) -> None:
@@ -240,6 +258,9 @@ class BatchScheduler:
             seq.prompt_tokens = n
         active = batch
         while active:
+            if any(s.grammar is not None for s in active):
+                with torch.inference_mode():  # the logits are inference tensors
+                    mask_rows([s.grammar for s in active], logits, self._runner.vocab_size)
             keep: list[int] = []
             tokens: list[int] = []
             for row, seq in enumerate(active):
@@ -264,15 +285,22 @@ class BatchScheduler:
         if seq.cancelled:
             seq.finish("cancelled")
             return None
-        token = seq.sampler.sample(logits)
+        scores = seq.sampler.scores(logits)
+        token = seq.sampler.choose(scores)
         seq.completion_tokens += 1
         seq.sampler.observe(token)
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            seq.finish("error", f"token {token} is outside the response format's grammar")
+            return None
         if token in self._eos:
             seq.finish("stop")
             return None
+        top = seq.request.sampling.top_logprobs
+        if top is not None and self._token_bytes is not None:
+            seq.pending_logprobs.append(token_logprob(scores, token, top, self._token_bytes))
         delta = seq.detok.add(token)
         if delta:
-            seq.emit(TextDelta(delta))
+            seq.emit(TextDelta(delta, seq.take_logprobs()))
         if seq.detok.stopped:
             seq.finish("stop")
             return None

@@ -36,11 +36,14 @@ import torch
 from model.detokenizer import Decoder, IncrementalDetokenizer
 from model.engine import EngineEvent, EngineOverloaded, EngineRequest, FinishReason, TextDelta
 from model.fast.config import FastEngineConfig
+from model.fast.constraints import SlotConstraints
 from model.fast.forward import FastForward, PrefillChunk, make_decode_inputs
 from model.fast.graphs import DecodeGraphs
 from model.fast.kv_cache import ImageStateCache, StaticKVCache
 from model.fast.sampling import SlotSampler
 from model.fast.sequence import FastSequence, PreparedImages, RequestTooLarge
+from model.grammar import RowGrammar
+from model.logprobs import TokenBytes
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +60,7 @@ class ContinuousBatcher:
         *,
         image_cache: ImageStateCache | None = None,
         graphs: DecodeGraphs | None = None,
+        token_bytes: TokenBytes | None = None,
     ) -> None:
         self.forward = forward
         self.cache = cache
@@ -66,6 +70,7 @@ class ContinuousBatcher:
         self.config = config
         self.image_cache = image_cache
         self.graphs = graphs
+        self.constraints = SlotConstraints(sampler.vocab_size, self.eos, token_bytes)
         self._waiting: deque[FastSequence] = deque()
         self._running: list[FastSequence] = []  # slot holders, in admission order
         self._cond = threading.Condition()
@@ -89,6 +94,7 @@ class ContinuousBatcher:
         *,
         tile_mask: torch.Tensor | None = None,
         images: PreparedImages | None = None,
+        grammar: RowGrammar | None = None,
     ) -> FastSequence:
         return FastSequence(
             request=request,
@@ -97,6 +103,7 @@ class ContinuousBatcher:
             input_ids=input_ids,
             tile_mask=tile_mask,
             images=images,
+            grammar=grammar,
         )
 
     def check_fits(self, seq: FastSequence) -> None:
@@ -276,12 +283,16 @@ class ContinuousBatcher:
             seq.first_token_step = self.steps
             seq.first_token_at = time.perf_counter()
         reason: FinishReason | None = None
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            self._release(seq)
+            seq.finish("error", f"token {token} is outside the response format's grammar")
+            return
         if token in self.eos:
             reason = "stop"
         else:
             delta = seq.detok.add(token)
             if delta:
-                seq.emit(TextDelta(delta))
+                seq.emit(TextDelta(delta, seq.take_logprobs()))
             if seq.detok.stopped:
                 reason = "stop"
             elif seq.completion_tokens >= seq.request.sampling.max_tokens:
@@ -312,9 +323,13 @@ class ContinuousBatcher:
         logits = run(inputs)
         slots = sorted(by_slot)
         index = torch.tensor(slots, dtype=torch.long, device=device)
-        chosen = self.sampler.sample(logits.index_select(0, index), slots)
-        for slot, token in zip(slots, chosen, strict=True):
-            seq = by_slot[slot]
+        # A copy of the graph's output rows: the grammar mask never touches the graph's buffer.
+        rows_logits = logits.index_select(0, index)
+        seqs = [by_slot[slot] for slot in slots]
+        self.constraints.mask(seqs, rows_logits)
+        chosen = self.sampler.sample(rows_logits, slots)
+        self.constraints.record_logprobs(seqs, chosen, self.sampler.last_scores)
+        for seq, token in zip(seqs, chosen, strict=True):
             seq.cached += 1
             self._accept(seq, token)
 
@@ -428,6 +443,8 @@ class ContinuousBatcher:
                 finishing.append(seq)
         if finishing:
             slots = [s.slot for s in finishing if s.slot is not None]
+            self.constraints.mask(finishing, logits)
             chosen = self.sampler.sample(logits, slots)
+            self.constraints.record_logprobs(finishing, chosen, self.sampler.last_scores)
             for seq, token in zip(finishing, chosen, strict=True):
                 self._accept(seq, token)

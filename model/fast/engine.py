@@ -29,7 +29,9 @@ from model.fast.graphs import DecodeGraphs
 from model.fast.kv_cache import CacheGeometry, ImageStateCache, StaticKVCache, plan_slots
 from model.fast.sampling import SlotSampler
 from model.fast.sequence import PreparedImages
+from model.grammar import GrammarBook
 from model.local_engine import eos_ids, pick_device
+from model.logprobs import TokenBytes
 from model.prompt import PromptRenderer
 from model.scheduler import queue_emitter
 
@@ -65,6 +67,7 @@ class FastMllamaEngine:
         self._processor: Any = None
         self._model: Any = None
         self._encoder: PromptEncoder | None = None
+        self._grammars: GrammarBook | None = None
         self._batcher: ContinuousBatcher | None = None
         self._graphs: DecodeGraphs | None = None
         self._slots = 0
@@ -170,7 +173,9 @@ class FastMllamaEngine:
             self.config,
             image_cache=image_cache,
             graphs=self._graphs,
+            token_bytes=TokenBytes(processor.tokenizer, lambda: self.grammars.decoded_vocab),
         )
+        self._grammars = GrammarBook(processor.tokenizer, geometry.vocab_size, eos)
         self._slots = slots
         self._batcher.start()
 
@@ -214,6 +219,12 @@ class FastMllamaEngine:
         return self._batcher
 
     @property
+    def grammars(self) -> GrammarBook:
+        if self._grammars is None:
+            raise EngineError("the engine is not loaded yet")
+        return self._grammars
+
+    @property
     def encoder(self) -> PromptEncoder:
         if self._encoder is None:
             raise EngineError("the engine is not loaded yet")
@@ -237,7 +248,7 @@ class FastMllamaEngine:
 
     # -- requests ----------------------------------------------------------------------------
     def count_prompt_tokens(self, request: EngineRequest) -> int:
-        return self.encoder.count(request.messages)
+        return self.encoder.count(request.messages, request.tools_json)
 
     def prepare(
         self, prompt: str, images: list[Image]
@@ -263,7 +274,7 @@ class FastMllamaEngine:
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
         """Stream text deltas, then one `Finished`; raises `EngineOverloaded` when full."""
         batcher = self.batcher
-        prompt, images = self.encoder.render(request.messages)
+        prompt, images = self.encoder.render(request.messages, request.tools_json)
         try:
             input_ids, tile_mask, prepared = await asyncio.to_thread(self.prepare, prompt, images)
         except InputRejected as exc:  # an image the processor cannot take: the request's fault
@@ -274,10 +285,18 @@ class FastMllamaEngine:
             log.exception("fast_prepare_failed", request_id=request.request_id)
             yield Finished("error", 0, 0, f"{type(exc).__name__}: {exc}")
             return
+        schema = request.sampling.json_schema
+        # Compiling a new schema takes milliseconds to seconds: never on the worker's thread.
+        grammar = await asyncio.to_thread(self.grammars.row, schema) if schema else None
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
         seq = batcher.new_sequence(
-            request, input_ids, queue_emitter(loop, queue), tile_mask=tile_mask, images=prepared
+            request,
+            input_ids,
+            queue_emitter(loop, queue),
+            tile_mask=tile_mask,
+            images=prepared,
+            grammar=grammar,
         )
         batcher.submit(seq)  # EngineOverloaded (or RequestTooLarge) goes to the caller
         try:

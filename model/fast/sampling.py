@@ -31,6 +31,9 @@ class SlotSampler:
         self.counts = torch.zeros(slots, vocab_size, dtype=torch.float32, device=device)
         self._params: list[SamplingParams | None] = [None] * slots
         self._generators: list[torch.Generator | None] = [None] * slots
+        # The scores the last `sample` drew from (penalties applied, before temperature):
+        # what logprobs are computed on.
+        self.last_scores: torch.Tensor | None = None
 
     def reset(self, slot: int, params: SamplingParams) -> None:
         """A new request takes `slot`."""
@@ -61,6 +64,7 @@ class SlotSampler:
             pres = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
             scores = scores - counts * freq
             scores = scores - (counts > 0).float() * pres
+        self.last_scores = scores
         chosen = torch.argmax(scores, dim=-1)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:

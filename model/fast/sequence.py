@@ -15,7 +15,9 @@ from model.engine import (
     EngineRequest,
     Fault,
     FinishReason,
+    TokenLogprob,
 )
+from model.grammar import RowGrammar
 
 
 class RequestTooLarge(EngineOverloaded):
@@ -60,6 +62,9 @@ class FastSequence:
     # On trial: a step that prefilled it with other newcomers failed, so it runs again with no
     # other newcomer (if it fails then, it was the guilty one).
     solo: bool = False
+    grammar: RowGrammar | None = None  # the response format's, if any
+    # Logprobs of tokens whose text the detokenizer has not released yet.
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     # Observability (tests, benchmarks): steps and times of the milestones.
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -86,4 +91,9 @@ class FastSequence:
     def finish(
         self, reason: FinishReason, error: str | None = None, fault: Fault = "server"
     ) -> None:
-        finish_stream(self, reason, error, fault)
+        finish_stream(self, reason, error, fault, logprobs=self.take_logprobs())
+
+    def take_logprobs(self) -> tuple[TokenLogprob, ...]:
+        taken = tuple(self.pending_logprobs)
+        self.pending_logprobs.clear()
+        return taken

@@ -113,19 +113,66 @@ CASES: list[tuple[str, Any, int, str | None, str | None]] = [
         "presence_penalty",
     ),
     (
-        "tools",
-        chat(tools=[{"type": "function", "function": {"name": "f"}}]),
+        "tool_choice without tools",
+        chat(tool_choice="required"),
         400,
-        "unsupported_parameter",
-        "tools",
+        "invalid_value",
+        "tool_choice",
     ),
-    ("logprobs true", chat(logprobs=True), 400, "unsupported_parameter", "logprobs"),
     (
-        "json response format",
-        chat(response_format={"type": "json_object"}),
+        "tool call arguments that are not a JSON object",
+        chat(
+            messages=[
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {
+                            "id": "c",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": "[1]"},
+                        }
+                    ],
+                },
+            ]
+        ),
         400,
-        "unsupported_parameter",
-        "response_format",
+        "invalid_value",
+        "messages[1].tool_calls[0].function.arguments",
+    ),
+    ("top_logprobs without logprobs", chat(top_logprobs=3), 400, "invalid_value", "top_logprobs"),
+    (
+        "too many top_logprobs",
+        chat(logprobs=True, top_logprobs=21),
+        400,
+        "invalid_value",
+        "top_logprobs",
+    ),
+    (
+        "unknown response format",
+        chat(response_format={"type": "yaml"}),
+        400,
+        "invalid_value",
+        "response_format.type",
+    ),
+    (
+        "json_schema without a schema spec",
+        chat(response_format={"type": "json_schema"}),
+        400,
+        "missing_required_parameter",
+        "response_format.json_schema",
+    ),
+    (
+        "json_schema with a feature that cannot be enforced",
+        chat(
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "t", "schema": {"type": "array", "uniqueItems": True}},
+            }
+        ),
+        400,
+        "invalid_json_schema",
+        "response_format.json_schema.schema",
     ),
     ("logit bias", chat(logit_bias={"42": 5}), 400, "unsupported_parameter", "logit_bias"),
     (

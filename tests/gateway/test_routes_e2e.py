@@ -51,6 +51,9 @@ routes:
     api_base: {base}
     upstream_model: slow
     policy: no-world
+  - model: tools-model
+    api_base: {base}
+    upstream_model: toolcalls
 """
 
 INPUT_ONLY = """\
@@ -326,3 +329,32 @@ def test_stream_events_ready_together_leave_in_one_write(gateway: LiveServer) ->
     assert chunks[-1].endswith(b"data: [DONE]\n\n") and b'"usage":{' in chunks[-1]
     slow = _http_chunks(gateway, {**body, "model": "slow-unguarded"})
     assert b"".join(slow).count(b'"content":"x"') == 100 and len(slow) > 50
+
+
+def test_upstream_tool_calls_and_logprobs_pass_through(gateway: LiveServer) -> None:
+    tools: Any = [
+        {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+        for name in ("a", "b")
+    ]
+    ask: Any = [{"role": "user", "content": "hi"}]
+    resp = sdk(gateway).chat.completions.create(
+        model="tools-model", messages=ask, tools=tools, max_tokens=20
+    )
+    choice = resp.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert [
+        (c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls
+    ] == [
+        ("a", {"x": 1}),
+        ("b", {}),
+    ]
+    with sdk(gateway).chat.completions.stream(
+        model="tools-model", messages=ask, tools=tools, max_tokens=20, logprobs=True
+    ) as stream:
+        final = stream.get_final_completion()
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert [c.function.name for c in choice.message.tool_calls] == ["a", "b"]
+    assert choice.message.content == "Hi"
+    assert choice.logprobs is not None and choice.logprobs.content is not None
+    assert [t.token for t in choice.logprobs.content] == ["Hi"]

@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections import defaultdict
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -30,6 +31,9 @@ from model.engine import (
     SamplingParams,
     TextDelta,
     TextPart,
+    TokenLogprob,
+    ToolCall,
+    TopLogprob,
 )
 from model.openai_wire import (
     SSEParser,
@@ -85,6 +89,8 @@ class MockUpstream:
             return await _json(send, 200, {})
         if mode == "json":
             return await _json(send, 200, _completion("whole answer"))
+        if mode == "toolcalls":
+            return await tool_call_answer(body, send)
         if mode == "late":  # silent for 0.4 s before it answers
             await asyncio.sleep(0.4)
         if not body["stream"] and mode in ("ok", "nousage", "late"):
@@ -123,6 +129,44 @@ class MockUpstream:
             await asyncio.sleep(0.02)
         watcher.cancel()
         await _send(send, b"data: [DONE]\n\n", more=False)
+
+
+LOGPROBS = {
+    "content": [
+        {
+            "token": "Hi",
+            "logprob": -0.5,
+            "bytes": [72, 105],
+            "top_logprobs": [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105]}],
+        }
+    ]
+}
+UPSTREAM_CALLS = [
+    {"id": "u1", "type": "function", "function": {"name": "a", "arguments": '{"x": 1}'}},
+    {"id": "u2", "type": "function", "function": {"name": "b", "arguments": "{}"}},
+]
+
+
+async def tool_call_answer(body: dict[str, Any], send: Send) -> None:
+    """Text with logprobs, then two tool calls (streamed in pieces, as OpenAI does)."""
+    if not body["stream"]:
+        message = {"role": "assistant", "content": None, "tool_calls": UPSTREAM_CALLS}
+        choice = {"index": 0, "message": message, "finish_reason": "tool_calls", "logprobs": None}
+        return await _json(send, 200, {"choices": [choice]})
+    await send_sse_start(send)
+    choice = {"index": 0, "delta": {"content": "Hi"}, "logprobs": LOGPROBS, "finish_reason": None}
+    await _send(send, _sse({"choices": [choice]}))
+    for i, call in enumerate(UPSTREAM_CALLS):
+        head = {"index": i, "id": call["id"], "type": "function"}
+        head["function"] = {"name": call["function"]["name"], "arguments": ""}
+        await _send(send, _chunk({"tool_calls": [head]}))
+        arguments = call["function"]["arguments"]
+        for piece in (arguments[:2], arguments[2:]):
+            await _send(
+                send, _chunk({"tool_calls": [{"index": i, "function": {"arguments": piece}}]})
+            )
+    await _send(send, _chunk({}, "tool_calls"))
+    await _send(send, b"data: [DONE]\n\n", more=False)
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
@@ -487,3 +531,53 @@ async def test_litellm_retries_before_the_first_token(mock: MockServer) -> None:
     events = await litellm_collect(mock, "flaky", req, retries=2)
     assert "".join(texts(events)) == "".join(WORDS)
     assert len(mock.app.bodies[req.request_id]) == 2
+
+
+PASSED = {
+    "response_format": {"type": "json_object"},
+    "tools": [{"type": "function", "function": {"name": "a"}}],
+    "tool_choice": "required",
+    "logprobs": True,
+    "top_logprobs": 1,
+}
+
+
+async def test_parameters_pass_through_and_calls_come_back_as_call_text(mock: MockServer) -> None:
+    req = request(TextPart("Hi"), json_schema='{"type":"object"}')
+    req = replace(req, passthrough_json=json.dumps(PASSED))
+    events = await collect(engine_for(mock, "toolcalls"), req)
+    body = mock.app.bodies[req.request_id][0]
+    assert {k: body[k] for k in PASSED} == PASSED  # unchanged; the local grammar is not sent
+    first, calls = [e for e in events if isinstance(e, TextDelta)]
+    assert first.text == "Hi"
+    assert first.logprobs == (
+        TokenLogprob("Hi", -0.5, (72, 105), (TopLogprob("Hi", -0.5, (72, 105)),)),
+    )
+    assert json.loads(calls.text) == [
+        {"name": "a", "parameters": {"x": 1}},
+        {"name": "b", "parameters": {}},
+    ]
+    assert isinstance(events[-1], Finished) and events[-1].reason == "stop"
+
+
+async def test_tool_history_is_sent_as_openai_messages(mock: MockServer) -> None:
+    turns = (
+        ChatTurn("user", (TextPart("Hi"),)),
+        ChatTurn("assistant", (TextPart(""),), tool_calls=(ToolCall("c1", "a", '{"x":1}'),)),
+        ChatTurn("tool", (TextPart("42"),), tool_call_id="c1"),
+    )
+    req = EngineRequest("req-history", turns, SamplingParams(max_tokens=4), stream=False)
+    events = await collect(engine_for(mock, "toolcalls"), req)
+    assert mock.app.bodies["req-history"][0]["messages"] == [
+        {"role": "user", "content": "Hi"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "a", "arguments": '{"x":1}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+    ]
+    (whole,) = texts(events)
+    assert json.loads(whole)[0] == {"name": "a", "parameters": {"x": 1}}
