@@ -24,6 +24,7 @@ from gateway.errors import GatewayError
 from guards.base import GuardInput
 from guards.decision import Decision
 from guards.pipeline import GuardPipeline
+from guards.stream_context import stream_context_chars
 from guards.streaming import ModerationStep, StreamModerator
 from model.engine import EngineEvent, TextDelta
 from model.openai_wire import json_bytes
@@ -54,6 +55,7 @@ class ChoiceStream:
             check=check,
             is_blocked=lambda decision: decision.blocked,
             window=chat.policy.streaming.window_chars,
+            context=stream_context_chars(chat.policy),
         )
 
 
