@@ -39,11 +39,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MODEL = "bench-model"
 OFF_POLICY = 'name: "off"\nversion: "1"\nguards: {}\non_guard_error: allow\n'
-WORDS = (
+_PHRASE = (
     "the quick brown fox jumps over a lazy dog while river stones gather moss under bright "
     "summer light and careful readers note every small detail of the old map before walking "
     "home through quiet streets where bakers open early"
-).split()
+)
+WORDS = _PHRASE.split(" ")
 
 
 def prose(chars: int, seed: int = 0) -> str:
@@ -103,7 +104,9 @@ def echo_app(chunk_chars: int) -> Any:
         headers = [(b"content-type", b"text/event-stream")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         parts = [chunk({"role": "assistant", "content": ""})]
-        parts += [chunk({"content": text[i : i + chunk_chars]}) for i in range(0, len(text), chunk_chars)]
+        parts += [
+            chunk({"content": text[i : i + chunk_chars]}) for i in range(0, len(text), chunk_chars)
+        ]
         parts.append(chunk({}, "stop"))
         if (body.get("stream_options") or {}).get("include_usage"):
             parts.append(sse({"id": "echo", "choices": [], "usage": usage}))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable
 from re import _parser as sre_parse  # type: ignore[attr-defined]
 from typing import TYPE_CHECKING
 
@@ -36,9 +37,14 @@ from guards.blocklist import _INVISIBLE, term_tokens
 if TYPE_CHECKING:
     from guards.policy import Policy
 
-# Every check sees at least this much context (the classifiers judge sentences: a little
-# context before the new text helps them as much as it helps the blocklist).
-MIN_CONTEXT_CHARS = 100
+# Every check sees at least this much context before the new text.
+MIN_CONTEXT_CHARS = 64
+# A model guard (Llama Guard, Prompt Guard) judges meaning, not words: it sees more.
+MODEL_GUARD_CONTEXT_CHARS = 1000
+MODEL_GUARDS = frozenset({"llama_guard", "prompt_guard"})
+# How much further back a check's context may reach to begin at the start of a sentence or
+# line (the classifiers judge sentences).
+SENTENCE_REACH_CHARS = 96
 # Assumed span of a regex whose width has no bound (`.*`, `\w+`), cannot be computed, or is
 # larger than this.
 REGEX_SPAN_CAP = 512
@@ -48,7 +54,7 @@ _COMPACT_PER_NORMALISED = 3
 _SEPARATOR_MAX = 4  # the blocklist's `[\W_]{1,4}` between the words of a term
 
 _WHITESPACE_RUN = re.compile(r"\s{2,}")
-_COMBINING_RUN = regex.compile(r"(\p{Mn}{%d})\p{Mn}+" % MAX_COMBINING_RUN)
+_COMBINING_RUN = regex.compile(rf"(\p{{Mn}}{{{MAX_COMBINING_RUN}}})\p{{Mn}}+")
 
 
 def _one_space(match: re.Match[str]) -> str:
@@ -89,34 +95,42 @@ def _profanity_words_span() -> int:
     return max(term_span(w) for w in (*STRONG_WORDS, *MILD_WORDS))
 
 
-def _uncached_context_chars(policy: Policy) -> int:
+def _uncached_context_chars(policy: Policy, guards: frozenset[str]) -> int:
     span = 0
-    output_guards = {name for name, _ in policy.guards_for("output")}
-    if "blocklist" in output_guards:
+    if "blocklist" in guards:
         for blocklist in policy.compiled_blocklists:
             if "output" not in blocklist.stages:
                 continue
             span = max([span, *map(term_span, blocklist.terms)])
             span = max([span, *map(regex_span, blocklist.regexes)])
-    if "profanity" in output_guards:
+    if "profanity" in guards:
         span = max(span, _profanity_words_span())
-    return max(MIN_CONTEXT_CHARS, _COMPACT_PER_NORMALISED * span)
+    floor = MODEL_GUARD_CONTEXT_CHARS if guards & MODEL_GUARDS else MIN_CONTEXT_CHARS
+    return max(floor, _COMPACT_PER_NORMALISED * span)
 
 
-# Per policy object (a reloaded policy is a new object); bounded like GuardPipelines' cache.
-_CACHE: dict[int, tuple[Policy, int]] = {}
+# Per policy object and guard set (a reloaded policy is a new object); bounded like
+# GuardPipelines' cache.
+_CACHE: dict[tuple[int, frozenset[str]], tuple[Policy, int]] = {}
 _CACHE_MAX = 64
 
 
-def stream_context_chars(policy: Policy) -> int:
-    """Compact characters of released text that each streamed check of this policy's output
-    must see before the new text: enough for the longest match of its output blocklists
-    (and the profanity guard's word list), never less than `MIN_CONTEXT_CHARS`."""
-    hit = _CACHE.get(id(policy))
+def stream_context_chars(policy: Policy, output_guards: Iterable[str] | None = None) -> int:
+    """Compact characters of already-checked text that each streamed check of this policy's
+    output must see before the new text: enough for the longest match of its output
+    blocklists (and the profanity guard's word list), never less than `MIN_CONTEXT_CHARS`, or
+    `MODEL_GUARD_CONTEXT_CHARS` when a model guard checks the output. `output_guards`: the
+    guards that run on the output (default: those the policy lists)."""
+    names = frozenset(
+        (name for name, _ in policy.guards_for("output"))
+        if output_guards is None
+        else output_guards
+    )
+    hit = _CACHE.get((id(policy), names))
     if hit is not None and hit[0] is policy:
         return hit[1]
-    chars = _uncached_context_chars(policy)
+    chars = _uncached_context_chars(policy, names)
     if len(_CACHE) >= _CACHE_MAX:
         _CACHE.clear()
-    _CACHE[id(policy)] = (policy, chars)
+    _CACHE[(id(policy), names)] = (policy, chars)
     return chars

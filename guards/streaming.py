@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from guards.stream_context import MIN_CONTEXT_CHARS, compact
+from guards.stream_context import SENTENCE_REACH_CHARS, compact
 
 # Characters after which a check is natural: the end of a sentence, clause or line.
 BOUNDARY_CHARS = frozenset(".!?;:\n。！？")
@@ -53,14 +53,15 @@ class StreamModerator(Generic[R]):
     """One per streamed choice.
 
     `check(text)` judges a text and returns a result; `is_blocked(result)` says whether it
-    violates the policy. During the stream `text` is the end of the released text (at most
-    `context` compact characters, default: the window) followed by the held text; at the end it
-    is the whole answer. `window` bounds how many characters may be held back (a check is
+    violates the policy. During the stream `text` is the text not checked yet after at least
+    `context` compact characters of the text before it (default: half the window); at the end
+    it is the whole answer. `window` bounds how many characters may be held back (a check is
     forced when the held text reaches it). After a passing check, the last `tail` characters
     (default: half the window) stay held even so: a term spread over several words, spaced-out
     letters or punctuation (`bad. phrase`, `f.o.r.b.i.d`) is judged whole by a later check
-    before any of it is sent, as long as its span fits in the tail. `step` (default: half of
-    what the tail leaves of the window) is the least new text before a check at a boundary.
+    before any of it is sent, as long as its span fits in the tail. `step` (default: what the
+    tail leaves of the window) is the least new text before a check at a natural boundary.
+    These four are read when the moderator is made.
     """
 
     check: Callable[[str], Awaitable[R]]
@@ -83,6 +84,11 @@ class StreamModerator(Generic[R]):
     def __post_init__(self) -> None:
         chars = "".join(sorted(self._boundary_chars))
         self._boundary = re.compile(f"[{re.escape(chars)}]")
+        self._window = max(1, self.window)
+        self._tail = min(self._window - 1, self._window // 2 if self.tail is None else self.tail)
+        self._tail = max(0, self._tail)
+        self._step = max(1, self._window - self._tail if self.step is None else self.step)
+        self._context_chars = max(0, self._window // 2 if self.context is None else self.context)
 
     @property
     def released(self) -> str:
@@ -107,23 +113,6 @@ class StreamModerator(Generic[R]):
             return ModerationStep(blocked=True, result=self.last_result)
         return await self._check_and_release(final=True)
 
-    @property
-    def _window(self) -> int:
-        return max(1, self.window)
-
-    @property
-    def _tail(self) -> int:
-        window = self._window
-        return min(window - 1, self.window // 2 if self.tail is None else max(0, self.tail))
-
-    @property
-    def _step(self) -> int:
-        return max(1, (self._window - self._tail) // 2 if self.step is None else self.step)
-
-    @property
-    def _context_chars(self) -> int:
-        return self._window if self.context is None else max(0, self.context)
-
     def _due(self) -> bool:
         held = len(self.held)
         if held >= self._window:
@@ -134,24 +123,23 @@ class StreamModerator(Generic[R]):
         limit = held - self._tail
         return limit > 0 and self._boundary.search(self.held, 0, limit) is not None
 
-    def _context_text(self) -> str:
-        """The end of the released text that the next check sees before the held text: what
-        `context` asks for beyond the held text already checked (the tail), started at the
-        beginning of a sentence or line when one begins shortly before (the classifiers judge
-        sentences)."""
-        checked_held = self.held[: len(self.held) - self._unchecked]
-        need = self._context_chars - (len(compact(checked_held)) if checked_held else 0)
-        buffer = self._context
-        start = max(0, len(buffer) - max(0, need))
-        if start == 0:
-            return buffer
-        for i in range(start - 1, max(-1, start - 1 - MIN_CONTEXT_CHARS), -1):
-            if buffer[i] in self._boundary_chars:
-                return buffer[i + 1 :]
-        return buffer[start:]
+    def _text_to_check(self) -> str:
+        """The held text not checked yet, after the end of the text before it: at least
+        `context` compact characters of it (released or still held), reaching back to the
+        start of a sentence or line when one begins shortly before."""
+        split = len(self.held) - self._unchecked
+        before = compact(self._context + self.held[:split]) if split else self._context
+        start = len(before) - self._context_chars
+        if start > 0:
+            for i in range(start - 1, max(-1, start - 1 - SENTENCE_REACH_CHARS), -1):
+                if before[i] in self._boundary_chars:
+                    start = i + 1
+                    break
+            before = before[start:]
+        return before + self.held[split:]
 
     async def _check_and_release(self, *, final: bool = False) -> ModerationStep[R]:
-        text = self.released + self.held if final else self._context_text() + self.held
+        text = self.released + self.held if final else self._text_to_check()
         result = await self.check(text)
         self.checks += 1
         self.checked_chars += len(text)
@@ -173,15 +161,13 @@ class StreamModerator(Generic[R]):
     def _release(self, out: str) -> None:
         self._released.append(out)
         self.released_chars += len(out)
-        keep = self._context_chars + MIN_CONTEXT_CHARS  # the context, and room to align it
+        keep = self._context_chars + SENTENCE_REACH_CHARS
         self._context = compact(self._context[-keep:] + out)[-keep:]
 
     def _release_point(self, text: str) -> int:
         limit = len(text) - self._tail
-        # Keep less than a window, and room for `step` new characters before the window fills
-        # (so that checks come at most every `step` characters): older cut points are passed
-        # over.
-        lowest = max(0, len(text) - max(self._tail + 1, self._window - self._step))
+        # Never keep a window or more: an older cut point is passed over.
+        lowest = max(0, len(text) - self._window + 1)
         for i in range(limit - 1, lowest - 1, -1):
             if text[i] in self._boundary_chars or text[i].isspace():
                 return i + 1
