@@ -129,14 +129,13 @@ class StreamModerator(Generic[R]):
         start of a sentence or line when one begins shortly before."""
         split = len(self.held) - self._unchecked
         before = compact(self._context + self.held[:split]) if split else self._context
-        start = len(before) - self._context_chars
-        if start > 0:
+        start = max(0, len(before) - self._context_chars)
+        if start > 0 and self._context_chars:
             for i in range(start - 1, max(-1, start - 1 - SENTENCE_REACH_CHARS), -1):
                 if before[i] in self._boundary_chars:
                     start = i + 1
                     break
-            before = before[start:]
-        return before + self.held[split:]
+        return before[start:] + self.held[split:]
 
     async def _check_and_release(self, *, final: bool = False) -> ModerationStep[R]:
         text = self.released + self.held if final else self._text_to_check()
