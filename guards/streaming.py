@@ -6,13 +6,13 @@ checks it and releases what passed. A violation ends the stream; what was held b
 sent.
 
 Cost linear in the answer's length: a check during the stream does not see the whole answer so
-far, only the held text (at most about a window) after a bounded `context` of the released text
-(`guards.stream_context`: compact, sized from the policy's longest blocklist match, starting at
-a sentence start when one is near). So each character is checked a bounded number of times, and
-the guards, model guards included, run at most once per `step` characters of the answer. A term
-or regex match that starts in released text and ends in the new text is still seen whole by the
-check that would release its end; one that starts in held text is never half-sent (the tail,
-below).
+far, only the text not checked yet after a bounded `context` of the text before it (released or
+still held; `guards.stream_context`: compact, sized from the policy's longest blocklist match,
+starting at a sentence start when one is near). So each character is checked a bounded number
+of times (about three and a half with the default window), and the guards, model guards
+included, run about once per half window of the answer. A term or regex match that starts in
+released text and ends in the new text is still seen whole by the check that would release its
+end; one that starts in held text is never half-sent (the tail, below).
 
 At the end of generation the whole answer is checked once, as the non-streamed path checks it,
 before the rest is released: a stream ends blocked whenever the same answer non-streamed would
