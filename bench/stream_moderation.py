@@ -193,8 +193,9 @@ def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
 
 def request(t: Target, key: str, text: str, stream: bool) -> float:
     """Seconds until the whole answer arrived; checks that it is the text, unfiltered."""
-    if t.conn is None:
-        t.conn = http.client.HTTPConnection("127.0.0.1", t.port, timeout=600)
+    # A new connection each time: a slow target leaves the others idle past uvicorn's
+    # keep-alive timeout.
+    t.conn = http.client.HTTPConnection("127.0.0.1", t.port, timeout=600)
     body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "stream": stream}
     body["max_tokens"] = len(text)
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
@@ -203,6 +204,7 @@ def request(t: Target, key: str, text: str, stream: bool) -> float:
     resp = t.conn.getresponse()
     raw = resp.read()
     elapsed = time.perf_counter() - started
+    t.conn.close()
     if resp.status != 200:
         raise RuntimeError(f"{t.name}: HTTP {resp.status}: {raw[:300]!r}")
     if stream:
