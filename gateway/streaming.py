@@ -153,7 +153,7 @@ class ChatStream:
         # a fast engine keeps text coming, moderated releases made within MODERATED_FLUSH_S of
         # the last write share the next one (a write costs more than a cheap guard's check).
         out: list[bytes] = []
-        flushed_at = 0.0
+        flushed_at = float("-inf")
         try:
             for choice in choices:
                 out.append(chunk(choice, {"role": "assistant", "content": ""}, None))
