@@ -11,7 +11,8 @@ the server's resident memory (RSS), open file descriptors and threads from /proc
 Redis `used_memory` (sockets counted apart from other fds: they follow the requests in flight).
 At the end: the growth per 1,000 requests after `--warmup` requests (a least-squares slope over
 the samples from then on) and the count of answers by status (a 5xx is a failure; the run goes
-on). `--requests 2000 --every 500 --warmup 500` is a quick run.
+on). `--requests 2000 --every 500 --warmup 500` is a quick run; SIGINT (Ctrl-C) stops early
+and reports what was measured.
 """
 
 from __future__ import annotations
@@ -227,8 +228,10 @@ def main() -> None:
 
         sample(0)
 
+        stop = threading.Event()
+
         def client() -> None:
-            while True:
+            while not stop.is_set():
                 with index_lock:
                     i = next(next_index, None)
                 if i is None:
@@ -245,8 +248,15 @@ def main() -> None:
         threads = [threading.Thread(target=client) for _ in range(args.concurrency)]
         for thread in threads:
             thread.start()
-        for thread in threads:
-            thread.join()
+        try:
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(0.5)
+        except KeyboardInterrupt:  # SIGINT: stop early, report what was measured
+            stop.set()
+            for thread in threads:
+                thread.join()
+            sample(totals.done)
         report(samples, totals, args, time.monotonic() - started)
     finally:
         for proc in reversed(procs):
