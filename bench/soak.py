@@ -11,8 +11,8 @@ the server's resident memory (RSS), open file descriptors and threads from /proc
 Redis `used_memory` (sockets counted apart from other fds: they follow the requests in flight).
 At the end: the growth per 1,000 requests after `--warmup` requests (a least-squares slope over
 the samples from then on) and the count of answers by status (a 5xx is a failure; the run goes
-on). `--requests 2000 --every 500 --warmup 500` is a quick run; SIGINT (Ctrl-C) stops early
-and reports what was measured.
+on). `--requests 2000 --every 500 --warmup 500` is a quick run; SIGINT or SIGTERM stops early and
+reports what was measured.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import os
 import random
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -174,6 +175,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.every > args.requests:
         args.every = args.requests
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in background
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     work = Path(tempfile.mkdtemp(prefix="soak-"))
     procs: list[subprocess.Popen[bytes]] = []
