@@ -172,6 +172,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=2_000, help="sample every N requests")
     parser.add_argument("--warmup", type=int, default=4_000, help="requests before the slope")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep-log", type=Path, help="copy the gateway's log here at the end")
     args = parser.parse_args()
     if args.every > args.requests:
         args.every = args.requests
@@ -268,6 +269,8 @@ def main() -> None:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if args.keep_log is not None and (work / "gateway.log").exists():
+            shutil.copy(work / "gateway.log", args.keep_log)
         shutil.rmtree(work, ignore_errors=True)
 
 
