@@ -12,6 +12,7 @@ with empty `choices`, right before `[DONE]`.
 from __future__ import annotations
 
 import asyncio
+import time
 import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -26,12 +27,15 @@ from gateway.tool_stream import ToolCallStream
 from guards.base import GuardInput
 from guards.decision import Decision
 from guards.pipeline import GuardPipeline
+from guards.stream_context import stream_context_chars
 from guards.streaming import ModerationStep, StreamModerator
 from model.engine import EngineEvent, TextDelta
 from model.logprobs import openai_logprobs
 from model.openai_wire import json_bytes
 
 log = structlog.get_logger(__name__)
+
+MODERATED_FLUSH_S = 0.005
 
 
 def sse(payload: dict[str, Any] | str) -> bytes:
@@ -71,6 +75,7 @@ class ChoiceStream:
             check=check,
             is_blocked=lambda decision: decision.blocked,
             window=chat.policy.streaming.window_chars,
+            context=stream_context_chars(chat.policy, chat.pipeline.guards_for("output")),
         )
 
 
@@ -169,15 +174,22 @@ class ChatStream:
         # Chunks ready together leave in one write: they are collected in `out` and yielded
         # just before the stream may wait (for the engine, or for a guard when moderated), and
         # at the end. A real engine's tokens come one at a time, each sent at once; a burst
-        # (the role chunk and the first text; finish, usage and [DONE]) costs one write.
+        # (the role chunk and the first text; finish, usage and [DONE]) costs one write. While
+        # a fast engine keeps text coming, moderated releases made within MODERATED_FLUSH_S of
+        # the last write share the next one (a write costs more than a cheap guard's check).
         out: list[bytes] = []
+        flushed_at = float("-inf")
         try:
             for choice in choices:
                 out.append(chunk(choice, {"role": "assistant", "content": ""}, None))
             while any(c.open for c in choices):
-                if out and (moderated or (not self._early and self._queue.empty())):
+                if out and (
+                    (not self._early and self._queue.empty())
+                    or (moderated and time.monotonic() - flushed_at >= MODERATED_FLUSH_S)
+                ):
                     yield b"".join(out)
                     out.clear()
+                    flushed_at = time.monotonic()
                 index, event = await self._next()
                 choice = choices[index]
                 if not choice.open:

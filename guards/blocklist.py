@@ -94,6 +94,8 @@ _SEPARATORS = re.compile(r"[\s.\-_*·,]")
 
 def normalize(text: str) -> str:
     """Lower case, NFKC, no diacritics, no invisible characters, look-alikes folded to Latin."""
+    if text.isascii():  # every step below but the case and the spaces leaves ASCII as it is
+        return _SPACES.sub(" ", text.lower())
     text = unicodedata.normalize("NFKC", text.translate(_INVISIBLE)).casefold()
     decomposed = unicodedata.normalize("NFD", text)
     text = "".join(ch for ch in decomposed if unicodedata.category(ch) != "Mn")
