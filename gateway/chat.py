@@ -12,12 +12,19 @@ from typing import Any, TypeVar
 import structlog
 
 from gateway.audit import AuditContext
-from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, ServiceUnavailable
+from gateway.errors import (
+    ContentFiltered,
+    InvalidRequest,
+    ModelNotFound,
+    ServiceUnavailable,
+    as_gateway_error,
+    server_failure,
+)
 from gateway.image_tokens import ImageTokenCounter
 from gateway.images import ImageLoader
 from gateway.metrics import GatewayMetrics
-from gateway.model_routes import ModelRouter, gateway_error
-from gateway.moderation import ContentFiltered, GuardServices, policy_header
+from gateway.model_routes import ModelRouter
+from gateway.moderation import GuardServices, policy_header
 from gateway.protocol import ChatCompletionRequest, ChatMessage, ImageContentPart
 from gateway.settings import Settings
 from guards.base import GuardInput
@@ -27,14 +34,12 @@ from guards.policy import Policy
 from model.engine import (
     ChatTurn,
     Engine,
-    EngineOverloaded,
     EngineRequest,
     Finished,
     ImagePart,
     TextDelta,
     TextPart,
 )
-from model.openai_wire import UpstreamError
 
 log = structlog.get_logger(__name__)
 
@@ -84,12 +89,6 @@ class PreparedChat:
     @property
     def used_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
-
-
-class EngineFailed(GatewayError):
-    status_code = 500
-    error_type = "server_error"
-    code = "engine_error"
 
 
 class ChatService:
@@ -268,7 +267,7 @@ class ChatService:
             else:
                 outcomes = await _all_or_nothing([self._collect(chat, r) for r in requests])
         except Exception as exc:
-            raise engine_failure(exc) from exc
+            raise as_gateway_error(exc) from exc
         decisions = await self.check_output(chat, [text for text, _ in outcomes])
         choices = []
         completion_tokens = 0
@@ -337,41 +336,6 @@ async def _all_or_nothing(work: list[Coroutine[Any, Any, T]]) -> list[T]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def engine_failure(exc: BaseException) -> GatewayError:
-    """An engine's exception as the client's error: upstream 502/503/504, overload 503."""
-    if isinstance(exc, GatewayError):
-        return exc
-    if isinstance(exc, UpstreamError):
-        return gateway_error(exc)
-    if isinstance(exc, EngineOverloaded):
-        return ServiceUnavailable(
-            f"The model engine is at capacity ({exc}); retry shortly.",
-            code="engine_overloaded",
-            headers={"Retry-After": "1"},
-        )
-    return server_failure(exc)
-
-
-def server_failure(cause: BaseException | str | None) -> EngineFailed:
-    """A 500 that says the server failed and names the request; the cause is logged here with
-    the request id, and its text is never shown to the client."""
-    request_id = structlog.contextvars.get_contextvars().get("request_id")
-    if isinstance(cause, BaseException):
-        log.error(
-            "engine_failed",
-            request_id=request_id,
-            error_type=type(cause).__name__,
-            exc_info=cause,
-        )
-    else:
-        log.error("engine_failed", request_id=request_id, error=cause or "unknown error")
-    ref = f" (request id {request_id})" if request_id else ""
-    return EngineFailed(
-        f"The server failed while generating the completion{ref}. This is not a problem with "
-        "your request; retry it, and quote the request id if you contact the operator."
-    )
 
 
 def checked_finish(event: Finished) -> Finished:

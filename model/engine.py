@@ -102,14 +102,6 @@ class EngineInfo:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-class EngineError(Exception):
-    """The engine could not take or finish a request (not the client's fault)."""
-
-
-class EngineOverloaded(EngineError):
-    """The engine's queue is full; try again later."""
-
-
 @runtime_checkable
 class Engine(Protocol):
     """Anything that turns chat requests into streams of text."""

@@ -16,13 +16,8 @@ import structlog
 import torch
 
 from model.encoding import PromptEncoder
-from model.engine import (
-    EngineError,
-    EngineEvent,
-    EngineInfo,
-    EngineRequest,
-    Finished,
-)
+from model.engine import EngineEvent, EngineInfo, EngineRequest, Finished
+from model.errors import EngineError
 from model.prompt import PromptRenderer
 from model.runner import MllamaRunner
 from model.scheduler import BatchScheduler, queue_emitter

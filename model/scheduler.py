@@ -29,8 +29,9 @@ import torch
 from PIL.Image import Image
 
 from model.detokenizer import IncrementalDetokenizer, finish_stream
-from model.encoding import EncodedPrompt, InputRejected, PromptEncoder
+from model.encoding import EncodedPrompt, PromptEncoder
 from model.engine import EngineEvent, EngineRequest, Fault, FinishReason, TextDelta
+from model.errors import InputRejected
 from model.runner import MllamaRunner
 from model.sampling import TokenSampler
 

@@ -20,8 +20,9 @@ import structlog
 import torch
 from PIL.Image import Image
 
-from model.encoding import InputRejected, PromptEncoder
-from model.engine import EngineError, EngineEvent, EngineInfo, EngineRequest, Finished
+from model.encoding import PromptEncoder
+from model.engine import EngineEvent, EngineInfo, EngineRequest, Finished
+from model.errors import EngineError, InputRejected
 from model.fast.batching import ContinuousBatcher
 from model.fast.config import FastEngineConfig
 from model.fast.forward import FastForward
@@ -260,7 +261,8 @@ class FastMllamaEngine:
         return input_ids, tile_mask, prepared
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
-        """Stream text deltas, then one `Finished`; raises `EngineOverloaded` when full."""
+        """Stream text deltas, then one `Finished`; raises `EngineOverloaded` when full,
+        `RequestNeverFits` when it could never fit."""
         batcher = self.batcher
         prompt, images = self.encoder.render(request.messages)
         try:
@@ -278,7 +280,7 @@ class FastMllamaEngine:
         seq = batcher.new_sequence(
             request, input_ids, queue_emitter(loop, queue), tile_mask=tile_mask, images=prepared
         )
-        batcher.submit(seq)  # EngineOverloaded (or RequestTooLarge) goes to the caller
+        batcher.submit(seq)  # EngineOverloaded or RequestNeverFits goes to the caller
         try:
             while True:
                 event = await queue.get()

@@ -11,15 +11,10 @@ import torch
 from model.detokenizer import IncrementalDetokenizer, finish_stream
 from model.engine import (
     EngineEvent,
-    EngineOverloaded,
     EngineRequest,
     Fault,
     FinishReason,
 )
-
-
-class RequestTooLarge(EngineOverloaded):
-    """The request needs more than one slot holds (context or images): it can never fit."""
 
 
 @dataclass
