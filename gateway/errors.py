@@ -19,7 +19,6 @@ from typing import Any
 import structlog
 
 from model.errors import (
-    EngineError,
     EngineOverloaded,
     InputRejected,
     ModelError,
@@ -163,8 +162,9 @@ ERRORS: dict[type[BaseException], ErrorKind] = {
     EngineFailed: ErrorKind(500, "server_error", "engine_error"),
     ServiceUnavailable: ErrorKind(503, "server_error", "service_unavailable"),
     # The model side's (`model.errors`).
+    # ModelError and EngineError (and HTTPError, which the upstream engine wraps): a 500
+    # through `server_failure`, so their text is never sent.
     ModelError: ErrorKind(500, "server_error", "engine_error"),
-    EngineError: ErrorKind(500, "server_error", "engine_error"),
     # Never retryable: the same request can never fit, so the client must change it.
     RequestNeverFits: ErrorKind(
         400,
