@@ -26,9 +26,9 @@ from gateway import admin
 from gateway.admin_extras import admin_extras
 from gateway.audit import AuditLog
 from gateway.auth import AuthService, ensure_demo_key
-from gateway.chat import ChatService, engine_failure
+from gateway.chat import ChatService
 from gateway.configured_keys import ConfiguredKeys
-from gateway.errors import GatewayError, InvalidRequest, NotFound
+from gateway.errors import GatewayError, InvalidRequest, NotFound, as_gateway_error, is_mapped
 from gateway.images import ImageLimits, ImageLoader
 from gateway.keys import KeyStore
 from gateway.logging import configure_logging
@@ -42,8 +42,8 @@ from gateway.ratelimit import RateLimiter
 from gateway.redis_conn import RedisConnection, RedisMetrics
 from gateway.routes import CHAT_PATH, ChatCompletions, router
 from gateway.settings import Settings
-from model.engine import Engine, EngineOverloaded
-from model.openai_wire import UpstreamError
+from model.engine import Engine
+from model.errors import ModelError
 
 log = structlog.get_logger(__name__)
 
@@ -82,17 +82,15 @@ def build_engine(settings: Settings) -> Engine:
 
 
 def error_response(exc: GatewayError) -> JSONResponse:
-    """The one place where errors become the OpenAI envelope."""
     return JSONResponse(exc.envelope(), status_code=exc.status_code, headers=exc.headers)
 
 
 def exception_response(exc: BaseException) -> Response:
-    """Whatever a request raised, as the client's response: for the FastAPI routes (through
-    their exception handlers) and for the raw chat endpoint alike."""
-    if isinstance(exc, GatewayError):
-        return error_response(exc)
-    if isinstance(exc, UpstreamError | EngineOverloaded):
-        return error_response(engine_failure(exc))
+    """The one exception handler: whatever a request raised, as the client's response, for
+    the FastAPI routes and the raw chat endpoint alike. Gateway and model errors go through
+    the table (`gateway.errors.ERRORS`); the framework's own become gateway errors first."""
+    if is_mapped(exc):
+        return error_response(as_gateway_error(exc))
     if isinstance(exc, ClientDisconnect):
         # Nobody is listening; nothing to log as a server error.
         return Response(status_code=499)
@@ -103,9 +101,11 @@ def exception_response(exc: BaseException) -> Response:
     if isinstance(exc, StarletteHTTPException):
         if exc.status_code == 404:
             return error_response(NotFound("Not found."))
-        err = GatewayError(str(exc.detail), error_type="invalid_request_error")
-        err.status_code = exc.status_code
-        return error_response(err)
+        return error_response(
+            GatewayError(
+                str(exc.detail), error_type="invalid_request_error", status=exc.status_code
+            )
+        )
     log.error("unhandled_error", error_type=type(exc).__name__, exc_info=exc)
     return error_response(GatewayError("The server had an error processing your request."))
 
@@ -221,8 +221,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     for kind in (
         GatewayError,
-        UpstreamError,
-        EngineOverloaded,
+        ModelError,
         ClientDisconnect,
         RequestValidationError,
         StarletteHTTPException,

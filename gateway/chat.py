@@ -12,12 +12,19 @@ from typing import Any, TypeVar
 import structlog
 
 from gateway.audit import AuditContext
-from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, ServiceUnavailable
+from gateway.errors import (
+    ContentFiltered,
+    InvalidRequest,
+    ModelNotFound,
+    ServiceUnavailable,
+    as_gateway_error,
+    server_failure,
+)
 from gateway.image_tokens import ImageTokenCounter
 from gateway.images import ImageLoader
 from gateway.metrics import GatewayMetrics
-from gateway.model_routes import ModelRouter, gateway_error
-from gateway.moderation import ContentFiltered, GuardServices, policy_header
+from gateway.model_routes import ModelRouter
+from gateway.moderation import GuardServices, policy_header
 from gateway.protocol import ChatCompletionRequest, ChatMessage, ImageContentPart
 from gateway.settings import Settings
 from gateway.tool_calls import answer_message, tools_json
@@ -28,7 +35,6 @@ from guards.policy import Policy
 from model.engine import (
     ChatTurn,
     Engine,
-    EngineOverloaded,
     EngineRequest,
     Finished,
     ImagePart,
@@ -38,7 +44,6 @@ from model.engine import (
     ToolCall,
 )
 from model.logprobs import openai_logprobs
-from model.openai_wire import UpstreamError
 
 log = structlog.get_logger(__name__)
 
@@ -101,12 +106,6 @@ class Outcome:
     finished: Finished
     logprobs: list[TokenLogprob]
     calls: str  # an upstream's tool calls, as call text ("" for local engines)
-
-
-class EngineFailed(GatewayError):
-    status_code = 500
-    error_type = "server_error"
-    code = "engine_error"
 
 
 class ChatService:
@@ -295,7 +294,7 @@ class ChatService:
             else:
                 outcomes = await _all_or_nothing([self._collect(chat, r) for r in requests])
         except Exception as exc:
-            raise engine_failure(exc) from exc
+            raise as_gateway_error(exc) from exc
         # The guards judge the whole answer: its text and the calls it makes.
         decisions = await self.check_output(chat, [o.text + o.calls for o in outcomes])
         choices = []
@@ -380,41 +379,6 @@ async def _all_or_nothing(work: list[Coroutine[Any, Any, T]]) -> list[T]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def engine_failure(exc: BaseException) -> GatewayError:
-    """An engine's exception as the client's error: upstream 502/503/504, overload 503."""
-    if isinstance(exc, GatewayError):
-        return exc
-    if isinstance(exc, UpstreamError):
-        return gateway_error(exc)
-    if isinstance(exc, EngineOverloaded):
-        return ServiceUnavailable(
-            f"The model engine is at capacity ({exc}); retry shortly.",
-            code="engine_overloaded",
-            headers={"Retry-After": "1"},
-        )
-    return server_failure(exc)
-
-
-def server_failure(cause: BaseException | str | None) -> EngineFailed:
-    """A 500 that says the server failed and names the request; the cause is logged here with
-    the request id, and its text is never shown to the client."""
-    request_id = structlog.contextvars.get_contextvars().get("request_id")
-    if isinstance(cause, BaseException):
-        log.error(
-            "engine_failed",
-            request_id=request_id,
-            error_type=type(cause).__name__,
-            exc_info=cause,
-        )
-    else:
-        log.error("engine_failed", request_id=request_id, error=cause or "unknown error")
-    ref = f" (request id {request_id})" if request_id else ""
-    return EngineFailed(
-        f"The server failed while generating the completion{ref}. This is not a problem with "
-        "your request; retry it, and quote the request id if you contact the operator."
-    )
 
 
 def checked_finish(event: Finished) -> Finished:

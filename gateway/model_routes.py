@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import GatewayError
 from gateway.routes_file import (
     EngineKind,
     LiteLLMRoute,
@@ -26,7 +25,6 @@ from gateway.routes_file import (
     load_routes_file,
 )
 from model.engine import Engine
-from model.openai_wire import UpstreamError
 
 LocalEngineFactory = Callable[[Any], Engine]
 
@@ -171,18 +169,3 @@ def _build_engine(route: _Route, settings: Any, local_factory: LocalEngineFactor
             )
         )
     raise ValueError(f"engine: unsupported route type {type(route).__name__}")
-
-
-class UpstreamFailed(GatewayError):
-    """An upstream engine's failure as the client sees it (502, 503 or 504)."""
-
-    error_type = "server_error"
-
-
-def gateway_error(exc: UpstreamError) -> GatewayError:
-    """UpstreamError -> the envelope: status 502/503/504, `code` upstream_* (see model.upstream)."""
-    err = UpstreamFailed(exc.message, code=exc.code)
-    err.status_code = exc.status_code
-    if exc.status_code == 503:
-        err.headers = {"retry-after": "1"}
-    return err

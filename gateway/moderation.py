@@ -2,7 +2,7 @@
 
 `GuardServices` holds the policy store (hot-reloaded files), the guard registry (embedded guards
 always; Prompt Guard and Llama Guard when their weights are configured) and one pipeline per
-policy version. `ContentFiltered` is Azure's 400 for a prompt that the input policy blocks.
+policy version. A prompt that the input policy blocks is `gateway.errors.ContentFiltered`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from gateway.audit import AuditContext, AuditLog
-from gateway.errors import GatewayError, ServiceUnavailable
+from gateway.errors import ServiceUnavailable
 from gateway.settings import Settings
 from guards.base import Guard
 from guards.coverage import GUARD_SETTING, cannot_judge, hint, missing_required
@@ -27,21 +27,6 @@ from guards.policy_store import PolicyNotFound, PolicyStore
 from guards.registry import build_guards
 
 log = structlog.get_logger(__name__)
-
-
-class ContentFiltered(GatewayError):
-    """400 with Azure's body: `type` null, `code` content_filter, `param` prompt, innererror."""
-
-    status_code = 400
-    error_type = None
-    code = "content_filter"
-
-    def __init__(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        super().__init__(str(body["error"].get("message", "")), param="prompt", headers=headers)
-        self._body = body
-
-    def envelope(self) -> dict[str, Any]:
-        return self._body
 
 
 def policy_header(policy: Policy) -> str:

@@ -25,25 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import GatewayError, InvalidRequest
+from gateway.errors import InvalidRequest, PolicyConflict, PolicyDirReadOnly
 from guards.policy import Policy, PolicyError, parse_policy
 
 READ_ONLY_HINT = (
     "Edit the policy where it comes from instead (Git, then the Helm chart's ConfigMap); "
     "the workbench can still validate and try drafts."
 )
-
-
-class PolicyConflict(GatewayError):
-    status_code = 409
-    error_type = "invalid_request_error"
-    code = "policy_conflict"
-
-
-class PolicyDirReadOnly(GatewayError):
-    status_code = 403
-    error_type = "permission_error"
-    code = "policy_dir_read_only"
 
 
 def etag(raw: bytes) -> str:

@@ -16,15 +16,14 @@ from starlette.types import Receive, Scope, Send
 from gateway.admin import require_admin
 from gateway.audit import AuditContext
 from gateway.auth import AuthService
-from gateway.chat import ChatService, PreparedChat, engine_failure
-from gateway.errors import GatewayError, ModelNotFound, RequestTooLarge
+from gateway.chat import ChatService, PreparedChat
+from gateway.errors import ModelNotFound, RequestTooLarge, with_headers
 from gateway.metrics import GatewayMetrics
 from gateway.moderation import GuardServices, policy_header
 from gateway.ratelimit import Admission, RateLimiter
 from gateway.settings import Settings
 from gateway.streaming import ChatStream
-from model.engine import EngineOverloaded
-from model.openai_wire import UpstreamError, json_bytes
+from model.openai_wire import json_bytes
 
 T = TypeVar("T")
 
@@ -46,7 +45,7 @@ class ChatCompletions:
     dependency solving, cookie parsing, response classes, an anyio task group per stream) was
     a large share of a guards-off request's CPU (bench/NOTES.md). Headers, status codes and
     bodies are what the FastAPI route sent; every error still becomes its response through
-    `exception_response` (the envelope from `gateway.app.error_response`, one place).
+    `exception_response` (by the one table, `gateway.errors.ERRORS`).
     """
 
     def __init__(self, exception_response: Callable[[BaseException], Response]) -> None:
@@ -69,7 +68,7 @@ class ChatCompletions:
             try:
                 payload = await _unless_disconnected(state.chat.complete(chat), receive)
             except Exception as exc:
-                await self._fail(_with_headers(exc, headers), scope, receive, send)
+                await self._fail(with_headers(exc, headers), scope, receive, send)
                 return
             if payload is None:
                 return  # the client left: generation was cancelled, nobody to answer
@@ -96,7 +95,7 @@ class ChatCompletions:
                 # is a real HTTP error, not a 200 whose stream carries the error.
                 await stream.start()
             except Exception as exc:
-                await self._fail(_with_headers(exc, headers), scope, receive, send)
+                await self._fail(with_headers(exc, headers), scope, receive, send)
                 return
             raw = [*_SSE_HEADERS, *_raw(headers), _SSE_TYPE]
             await send({"type": "http.response.start", "status": 200, "headers": raw})
@@ -134,7 +133,7 @@ async def _admitted(
         await chat_service.check_input(chat)
     except Exception as exc:
         _settle_later(state, limiter, adm, chat.prompt_tokens)
-        raise _with_headers(exc, headers) from None
+        raise with_headers(exc, headers) from None
     return chat, adm, headers
 
 
@@ -149,15 +148,6 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 def _raw(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
     return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-
-
-def _with_headers(exc: BaseException, headers: dict[str, str]) -> BaseException:
-    """An error after admission carries the admission's headers (x-ratelimit-*, x-policy)."""
-    if isinstance(exc, UpstreamError | EngineOverloaded):
-        exc = engine_failure(exc)
-    if isinstance(exc, GatewayError):
-        exc.headers = {**headers, **exc.headers}
-    return exc
 
 
 async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes:

@@ -20,8 +20,8 @@ from typing import Any
 
 import structlog
 
-from gateway.chat import ChatService, PreparedChat, checked_finish, engine_failure, usage_body
-from gateway.errors import GatewayError
+from gateway.chat import ChatService, PreparedChat, checked_finish, usage_body
+from gateway.errors import GatewayError, as_gateway_error
 from gateway.logprob_stream import HeldLogprobs
 from gateway.tool_stream import ToolCallStream
 from guards.base import GuardInput
@@ -107,7 +107,7 @@ class ChatStream:
             if index in waiting:
                 waiting.discard(index)
                 if isinstance(event, BaseException):
-                    raise engine_failure(event)
+                    raise as_gateway_error(event)
                 if not isinstance(event, TextDelta):
                     checked_finish(event)  # an engine error or cancellation raises here
             self._early.append((index, event))
@@ -195,7 +195,7 @@ class ChatStream:
                 if not choice.open:
                     continue  # events already queued before the choice was closed
                 if isinstance(event, BaseException):
-                    raise engine_failure(event)
+                    raise as_gateway_error(event)
                 if isinstance(event, TextDelta):
                     choice.deltas += 1
                     chat.completion_tokens += 1

@@ -30,14 +30,8 @@ from transformers.models.mllama.processing_mllama import (
 )
 
 from model.engine import ChatTurn
+from model.errors import InputRejected
 from model.prompt import PromptRenderer
-
-
-class InputRejected(ValueError):
-    """The request's own input cannot be encoded: the client's fault (a 400, never a 500).
-
-    The message is ours and safe to show to the client; the cause is logged server-side.
-    """
 
 
 @dataclass(frozen=True)

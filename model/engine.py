@@ -151,14 +151,6 @@ class EngineInfo:
     image_placeholder_usage: bool = False
 
 
-class EngineError(Exception):
-    """The engine could not take or finish a request (not the client's fault)."""
-
-
-class EngineOverloaded(EngineError):
-    """The engine's queue is full; try again later."""
-
-
 @runtime_checkable
 class Engine(Protocol):
     """Anything that turns chat requests into streams of text."""

@@ -9,8 +9,8 @@ bodies decoded as they arrive, a reader that does not read holding back the sock
 `BODY_HIGH_WATER` bytes buffered), and a connection that is closed (never reused) unless its
 response was read to its end.
 
-Errors are `HTTPError` subclasses: `ConnectTimeout` (nothing was sent), `ReadTimeout`, and
-`ConnectionFailed` (refused, reset, closed early, or not HTTP).
+Errors are `model.errors.HTTPError` subclasses: `ConnectTimeout` (nothing was sent),
+`ReadTimeout`, and `ConnectionFailed` (refused, reset, closed early, or not HTTP).
 """
 
 from __future__ import annotations
@@ -22,25 +22,11 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from model.errors import ConnectionFailed, ConnectTimeout, ReadTimeout
+
 # Body bytes held for a reader before the connection stops reading from the socket (the
 # promise to a slow reader: at most this plus one socket read is held in memory).
 BODY_HIGH_WATER = 256 * 1024
-
-
-class HTTPError(Exception):
-    """The call failed below HTTP: no usable answer."""
-
-
-class ConnectTimeout(HTTPError):
-    """No connection (or no pooled slot) in time; nothing was sent."""
-
-
-class ReadTimeout(HTTPError):
-    """The server went silent for longer than the read timeout."""
-
-
-class ConnectionFailed(HTTPError):
-    """Refused, reset, closed before the answer ended, or an answer that is not HTTP."""
 
 
 class _Connection(asyncio.Protocol):

@@ -21,13 +21,10 @@ from typing import Any
 import httpx
 
 from model.engine import EngineEvent, EngineInfo, EngineRequest, TextDelta
+from model.errors import UpstreamBadResponse, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from model.openai_wire import (
     PromptCounter,
     StreamState,
-    UpstreamBadResponse,
-    UpstreamError,
-    UpstreamTimeout,
-    UpstreamUnavailable,
     build_messages,
     finished,
     sampling_fields,

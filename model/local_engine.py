@@ -16,13 +16,8 @@ import structlog
 import torch
 
 from model.encoding import PromptEncoder
-from model.engine import (
-    EngineError,
-    EngineEvent,
-    EngineInfo,
-    EngineRequest,
-    Finished,
-)
+from model.engine import EngineEvent, EngineInfo, EngineRequest, Finished
+from model.errors import EngineError
 from model.grammar import GrammarBook
 from model.logprobs import TokenBytes
 from model.prompt import PromptRenderer

@@ -3,7 +3,7 @@
 - Requests: engine requests become OpenAI bodies (images re-encoded as PNG data URLs; sampling
   parameters as body fields).
 - Answers: incremental SSE parsing, upstream finish reasons mapped to ours, usage taken over.
-- Errors: `UpstreamError` and its 502/503/504 subclasses (both engines raise them).
+- Errors: `model.errors.UpstreamError` and its subclasses (both engines raise them).
 - Retries: `with_retries` retries retryable errors only while no delta has been sent.
 - Token counts: exact with a local tokenizer's chat template, else the estimate
   ceil(characters of all text parts / 4) + 1 per image (each image is its one `<|image|>`
@@ -29,7 +29,6 @@ from PIL.Image import Image
 
 from model.engine import (
     ChatTurn,
-    EngineError,
     EngineEvent,
     EngineRequest,
     Finished,
@@ -38,6 +37,7 @@ from model.engine import (
     TextDelta,
     TextPart,
 )
+from model.errors import UpstreamBadResponse, UpstreamError, UpstreamUnavailable
 from model.wire_extras import (
     ToolCallAssembler,
     calls_text,
@@ -185,48 +185,6 @@ class PromptCounter:
         if self._count is None:
             return estimate_prompt_tokens(turns)
         return self._count(turns)
-
-
-class UpstreamError(EngineError):
-    """The upstream failed before the first delta; `status_code` is what the client gets."""
-
-    code = "upstream_error"
-    retryable = False
-
-    def __init__(self, status_code: int, message: str, *, retryable: bool | None = None) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        self.message = message
-        if retryable is not None:
-            self.retryable = retryable
-
-
-class UpstreamBadResponse(UpstreamError):
-    """502: the upstream answered, but not with something we can use."""
-
-    code = "upstream_bad_response"
-
-    def __init__(self, message: str, *, retryable: bool | None = None) -> None:
-        super().__init__(502, message, retryable=retryable)
-
-
-class UpstreamUnavailable(UpstreamError):
-    """503: connection refused or dropped, 5xx, 429: worth another try before the first token."""
-
-    code = "upstream_unavailable"
-    retryable = True
-
-    def __init__(self, message: str, *, retryable: bool | None = None) -> None:
-        super().__init__(503, message, retryable=retryable)
-
-
-class UpstreamTimeout(UpstreamError):
-    """504: the upstream did not answer in time (only connect timeouts are retried)."""
-
-    code = "upstream_timeout"
-
-    def __init__(self, message: str, *, retryable: bool | None = None) -> None:
-        super().__init__(504, message, retryable=retryable)
 
 
 class SSEParser:

@@ -29,8 +29,9 @@ import torch
 from PIL.Image import Image
 
 from model.detokenizer import IncrementalDetokenizer, finish_stream
-from model.encoding import EncodedPrompt, InputRejected, PromptEncoder
+from model.encoding import EncodedPrompt, PromptEncoder
 from model.engine import EngineEvent, EngineRequest, Fault, FinishReason, TextDelta, TokenLogprob
+from model.errors import InputRejected
 from model.grammar import RowGrammar, mask_rows
 from model.logprobs import TokenBytes, token_logprob
 from model.runner import MllamaRunner

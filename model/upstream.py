@@ -33,15 +33,20 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from model.engine import EngineEvent, EngineInfo, EngineRequest
-from model.http1 import ConnectionPool, ConnectTimeout, HTTPError, ReadTimeout, Response
-from model.openai_wire import (
-    PromptCounter,
-    SSEParser,
-    StreamState,
+from model.errors import (
+    ConnectTimeout,
+    HTTPError,
+    ReadTimeout,
     UpstreamBadResponse,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
+)
+from model.http1 import ConnectionPool, Response
+from model.openai_wire import (
+    PromptCounter,
+    SSEParser,
+    StreamState,
     build_messages,
     finished,
     json_bytes,

@@ -13,6 +13,5 @@
 
 from model.fast.config import FastEngineConfig
 from model.fast.engine import FastMllamaEngine
-from model.fast.sequence import RequestTooLarge
 
-__all__ = ["FastEngineConfig", "FastMllamaEngine", "RequestTooLarge"]
+__all__ = ["FastEngineConfig", "FastMllamaEngine"]

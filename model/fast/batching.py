@@ -34,14 +34,15 @@ import structlog
 import torch
 
 from model.detokenizer import Decoder, IncrementalDetokenizer
-from model.engine import EngineEvent, EngineOverloaded, EngineRequest, FinishReason, TextDelta
+from model.engine import EngineEvent, EngineRequest, FinishReason, TextDelta
+from model.errors import EngineOverloaded, RequestNeverFits
 from model.fast.config import FastEngineConfig
 from model.fast.constraints import SlotConstraints
 from model.fast.forward import FastForward, PrefillChunk, make_decode_inputs
 from model.fast.graphs import DecodeGraphs
 from model.fast.kv_cache import ImageStateCache, StaticKVCache
 from model.fast.sampling import SlotSampler
-from model.fast.sequence import FastSequence, PreparedImages, RequestTooLarge
+from model.fast.sequence import FastSequence, PreparedImages
 from model.grammar import RowGrammar
 from model.logprobs import TokenBytes
 
@@ -107,16 +108,16 @@ class ContinuousBatcher:
         )
 
     def check_fits(self, seq: FastSequence) -> None:
-        """Raise `RequestTooLarge` when the request can never fit in a slot."""
+        """Raise `RequestNeverFits` when the request can never fit in a slot."""
         max_len = self.cache.geometry.max_len
         need = seq.prompt_tokens + seq.request.sampling.max_tokens
         if need > max_len:
-            raise RequestTooLarge(
+            raise RequestNeverFits(
                 f"the request needs {need} tokens of context; a slot holds {max_len}"
             )
         images = len(seq.images.keys) if seq.images is not None else 0
         if images > self.cache.geometry.max_images:
-            raise RequestTooLarge(
+            raise RequestNeverFits(
                 f"the request has {images} images; a slot holds {self.cache.geometry.max_images}"
             )
 

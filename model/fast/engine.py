@@ -20,8 +20,9 @@ import structlog
 import torch
 from PIL.Image import Image
 
-from model.encoding import InputRejected, PromptEncoder
-from model.engine import EngineError, EngineEvent, EngineInfo, EngineRequest, Finished
+from model.encoding import PromptEncoder
+from model.engine import EngineEvent, EngineInfo, EngineRequest, Finished
+from model.errors import EngineError, InputRejected
 from model.fast.batching import ContinuousBatcher
 from model.fast.config import FastEngineConfig
 from model.fast.forward import FastForward
@@ -272,7 +273,8 @@ class FastMllamaEngine:
         return input_ids, tile_mask, prepared
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
-        """Stream text deltas, then one `Finished`; raises `EngineOverloaded` when full."""
+        """Stream text deltas, then one `Finished`; raises `EngineOverloaded` when full,
+        `RequestNeverFits` when it could never fit."""
         batcher = self.batcher
         prompt, images = self.encoder.render(request.messages, request.tools_json)
         try:
@@ -298,7 +300,7 @@ class FastMllamaEngine:
             images=prepared,
             grammar=grammar,
         )
-        batcher.submit(seq)  # EngineOverloaded (or RequestTooLarge) goes to the caller
+        batcher.submit(seq)  # EngineOverloaded or RequestNeverFits goes to the caller
         try:
             while True:
                 event = await queue.get()

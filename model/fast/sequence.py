@@ -11,17 +11,12 @@ import torch
 from model.detokenizer import IncrementalDetokenizer, finish_stream
 from model.engine import (
     EngineEvent,
-    EngineOverloaded,
     EngineRequest,
     Fault,
     FinishReason,
     TokenLogprob,
 )
 from model.grammar import RowGrammar
-
-
-class RequestTooLarge(EngineOverloaded):
-    """The request needs more than one slot holds (context or images): it can never fit."""
 
 
 @dataclass

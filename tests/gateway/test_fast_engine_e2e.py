@@ -94,3 +94,25 @@ def test_a_request_that_does_not_fit_gets_503_not_a_crash(fast_gateway: LiveServ
             url, json={**long, "stream": False, "max_tokens": 4}, headers=AUTH, timeout=30
         )
     assert ok.status_code == 200  # the slot came back once the first client left
+
+
+def test_a_request_that_can_never_fit_gets_400_not_503(fast_gateway: LiveServer) -> None:
+    """While the only slot is busy, a request larger than the engine can ever hold is the
+    client's to change (400, no retry hint); one that fits later is still 503 to retry."""
+    url = fast_gateway.base_url + "/v1/chat/completions"
+    long = {"model": MODEL, "messages": LONG, "max_tokens": 600, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url, json=long, headers=AUTH, timeout=60) as first:
+        lines = first.iter_lines()  # keep it referenced: a collected iterator closes the socket
+        next(lines)
+        never = httpx.post(
+            url, json={**long, "stream": False, "max_tokens": 5000}, headers=AUTH, timeout=30
+        )
+        assert never.status_code == 400, never.text
+        assert never.json()["error"]["code"] == "context_length_exceeded"
+        assert "retry-after" not in never.headers
+        later = httpx.post(
+            url, json={**long, "stream": False, "max_tokens": 4}, headers=AUTH, timeout=30
+        )
+        assert later.status_code == 503, later.text
+        assert later.json()["error"]["code"] == "engine_overloaded"
+        assert later.headers["retry-after"] == "1"

@@ -11,8 +11,8 @@ from typing import Any, ClassVar
 import openai
 import pytest
 
-from gateway.errors import GatewayError
-from gateway.model_routes import ModelRouter, gateway_error
+from gateway.errors import GatewayError, as_gateway_error
+from gateway.model_routes import ModelRouter
 from gateway.routes_file import (
     LiteLLMRoute,
     RoutesFileError,
@@ -22,8 +22,8 @@ from gateway.routes_file import (
 )
 from gateway.settings import Settings
 from model.engine import EngineEvent, EngineInfo, EngineRequest, Finished
+from model.errors import UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
 from model.litellm_engine import LiteLLMEngine
-from model.openai_wire import UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
 from model.upstream import OpenAIUpstreamEngine, UpstreamConfig
 from tests.conftest import REDIS_URL, TEST_API_KEY, LiveServer, wait_until_ready
 from tests.model.test_upstream import WORDS, MockServer
@@ -276,7 +276,7 @@ def test_missing_key_env_fails_at_start_naming_the_field(
     ],
 )
 def test_upstream_errors_become_envelopes(exc: Any, status: int, code: str) -> None:
-    err = gateway_error(exc)
+    err = as_gateway_error(exc)
     assert isinstance(err, GatewayError) and err.status_code == status
     assert err.envelope() == {
         "error": {"message": exc.message, "type": "server_error", "param": None, "code": code}

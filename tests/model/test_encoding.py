@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
-from model.encoding import InputRejected, PromptEncoder, collate
+from model.encoding import PromptEncoder, collate
 from model.engine import ChatTurn, ImagePart, TextPart
+from model.errors import InputRejected
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import torch
 from model.engine import (
     ChatTurn,
     Engine,
-    EngineOverloaded,
     EngineRequest,
     Finished,
     ImagePart,
@@ -26,7 +25,8 @@ from model.engine import (
     TextDelta,
     TextPart,
 )
-from model.fast import FastEngineConfig, FastMllamaEngine, RequestTooLarge
+from model.errors import EngineOverloaded, RequestNeverFits
+from model.fast import FastEngineConfig, FastMllamaEngine
 from model.fast.kv_cache import CacheGeometry, plan_slots
 from model.fast.reference import transformers_row_mask_fix
 from model.fast.sampling import SlotSampler
@@ -272,9 +272,9 @@ def test_refused_when_no_slot_is_free(loaded: tuple[Any, Any]) -> None:
         finished, _ = asyncio.run(scenario())
         assert finished.reason == "length"
         # Bigger than a slot: refused at once, whatever is free.
-        with pytest.raises(RequestTooLarge):
+        with pytest.raises(RequestNeverFits):
             asyncio.run(run(eng, request(TEXTS[0], max_tokens=250)))
-        with pytest.raises(RequestTooLarge):
+        with pytest.raises(RequestNeverFits):
             asyncio.run(run(eng, request("two?", image(RED), image(BLUE))))
     finally:
         asyncio.run(eng.stop())

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from model.http1 import BODY_HIGH_WATER, ConnectionFailed, ConnectionPool, Response
+from model.errors import ConnectionFailed
+from model.http1 import BODY_HIGH_WATER, ConnectionPool, Response
 
 HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nhost: upstream\r\ncontent-type: application/json"
 BIG = 64 * 1024 * 1024  # far more than loopback's socket buffers hold
