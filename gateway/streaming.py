@@ -22,6 +22,7 @@ import structlog
 from gateway.chat import ChatService, PreparedChat, checked_finish, engine_failure, usage_body
 from gateway.errors import GatewayError
 from guards.base import GuardInput
+from guards.code_block_hold import CodeBlockHold
 from guards.decision import Decision
 from guards.pipeline import GuardPipeline
 from guards.streaming import ModerationStep, StreamModerator
@@ -54,6 +55,7 @@ class ChoiceStream:
             check=check,
             is_blocked=lambda decision: decision.blocked,
             window=chat.policy.streaming.window_chars,
+            code_hold=code_block_hold(chat),
         )
 
 
@@ -213,6 +215,13 @@ class ChatStream:
 
 
 _NOTHING: ModerationStep[Decision] = ModerationStep()
+
+
+def code_block_hold(chat: PreparedChat) -> CodeBlockHold | None:
+    """A code-block hold when Code Shield judges this stream's output (guards.code_block_hold)."""
+    if "code_shield" not in chat.pipeline.guards_for("output"):
+        return None
+    return CodeBlockHold(window=chat.policy.streaming.code_block_window_chars)
 
 
 def _safe_results(chat: PreparedChat) -> dict[str, Any]:

@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from guards.code_block_hold import CodeBlockHold
+
 # Characters after which a check is natural: the end of a sentence, clause or line.
 BOUNDARY_CHARS = frozenset(".!?;:\n。！？")
 
@@ -49,6 +51,9 @@ class StreamModerator(Generic[R]):
     last_result: R | None = None
     checks: int = 0
     blocked: bool = False
+    # Set when Code Shield runs on output: fenced code is held whole (guards.code_block_hold).
+    code_hold: CodeBlockHold | None = None
+    _checked: str | None = field(default=None, repr=False)
     _boundary_chars: frozenset[str] = field(default=BOUNDARY_CHARS, repr=False)
 
     async def feed(self, text: str) -> ModerationStep[R]:
@@ -81,9 +86,16 @@ class StreamModerator(Generic[R]):
         return any(ch in self._boundary_chars for ch in releasable)
 
     async def _check_and_release(self, *, final: bool = False) -> ModerationStep[R]:
-        candidate = self.released + self.held
-        result = await self.check(candidate)
-        self.checks += 1
+        candidate, limit = self.released + self.held, len(self.held)
+        if self.code_hold is not None:  # an open code block is neither checked nor released
+            plan = self.code_hold.plan(self.released, self.held, final=final)
+            candidate, limit = plan.text, plan.release_limit
+        if candidate == self._checked and self.last_result is not None:
+            result = self.last_result  # nothing new to judge (the rest is a held code block)
+        else:
+            result = await self.check(candidate)
+            self.checks += 1
+            self._checked = candidate
         self.last_result = result
         if self.is_blocked(result):
             self.blocked = True
@@ -92,7 +104,12 @@ class StreamModerator(Generic[R]):
         # Release up to the last boundary or space before the tail: a word cut in half and the
         # tail stay held, so that a term split across two checks is never half-sent before the
         # check that sees it whole.
-        cut = len(self.held) if final else self._release_point(self.held)
+        if final:
+            cut = len(self.held)
+        elif limit < len(self.held):  # up to a held code block's fence line: judged whole
+            cut = limit
+        else:
+            cut = self._release_point(self.held)
         out, self.held = self.held[:cut], self.held[cut:]
         self.released += out
         return ModerationStep(release=out, result=result)

@@ -1,0 +1,227 @@
+"""The model card's language policy: text in the supported languages, image requests in English.
+
+Detection, cheapest first:
+
+1. Code (fenced blocks, inline code) and URLs are removed: they are not natural language.
+2. Letters are counted per writing system. A text whose dominant script covers less than
+   `MIXED_SHARE` of its letters is *mixed*, one with fewer than the policy's `min_letters`
+   letters is *short*: both are `unknown` and never flagged (a greeting, a name, a formula).
+3. Scripts that name one language answer at once (Thai -> th, Devanagari -> hi, Hangul -> ko,
+   kana -> ja, ...). Only Latin, Cyrillic and Arabic text goes to the statistical detector
+   (`lingua-language-detector`, offline, its models inside the wheel), restricted to the
+   languages of that script, so that a Swahili text is called Swahili, not the nearest of the
+   eight supported ones.
+4. Below the policy's `min_confidence` the answer is `unknown`: never flagged.
+
+Category `unsupported_language` (detected when the language is known, confident and not in the
+policy's allowed list: `language.text` for text-only conversations, `language.image` when the
+conversation has an image); details carry the language, its confidence and the allowed list.
+At input the last user message is judged, at output the completion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from guards.base import CategoryScore, GuardInput, GuardVerdict, Stage
+from guards.language_codes import (
+    CARD_IMAGE_LANGUAGES,
+    CARD_TEXT_LANGUAGES,
+    SCRIPT_LANGUAGES,
+    describe,
+)
+
+if TYPE_CHECKING:
+    from guards.policy import Policy
+
+CATEGORY = "unsupported_language"
+# The dominant script must cover this share of the letters, else the text is mixed.
+MIXED_SHARE = 0.6
+# Only the first characters are judged: enough for a confident answer, bounded cost.
+MAX_CHARS = 1000
+# Texts up to this size are judged on the event loop (< 1 ms), longer ones in a thread.
+INLINE_MAX_CHARS = 2000
+
+_CODE = re.compile(r"```.*?(?:```|\Z)|`[^`\n]*`|https?://\S+", re.DOTALL)
+_SCRIPTS: dict[str, re.Pattern[str]] = {
+    "latin": re.compile(r"[A-Za-z\u00C0-\u024F\u1E00-\u1EFF]"),
+    "cyrillic": re.compile(r"[\u0400-\u04FF]"),
+    "arabic": re.compile(r"[\u0600-\u06FF\u0750-\u077F\uFB50-\uFDFF\uFE70-\uFEFF]"),
+    "devanagari": re.compile(r"[\u0900-\u097F]"),
+    "thai": re.compile(r"[\u0E00-\u0E7F]"),
+    "hangul": re.compile(r"[\uAC00-\uD7AF\u1100-\u11FF\u3130-\u318F]"),
+    "kana": re.compile(r"[\u3040-\u30FF]"),
+    "han": re.compile(r"[\u4E00-\u9FFF\u3400-\u4DBF]"),
+    "greek": re.compile(r"[\u0370-\u03FF]"),
+    "hebrew": re.compile(r"[\u0590-\u05FF]"),
+    "armenian": re.compile(r"[\u0530-\u058F]"),
+    "georgian": re.compile(r"[\u10A0-\u10FF]"),
+    "bengali": re.compile(r"[\u0980-\u09FF]"),
+    "gurmukhi": re.compile(r"[\u0A00-\u0A7F]"),
+    "gujarati": re.compile(r"[\u0A80-\u0AFF]"),
+    "tamil": re.compile(r"[\u0B80-\u0BFF]"),
+    "telugu": re.compile(r"[\u0C00-\u0C7F]"),
+}
+# Scripts whose text goes to the statistical detector (several languages share them).
+_DETECTOR_SCRIPTS = ("latin", "cyrillic", "arabic")
+
+
+@dataclass(frozen=True)
+class Detection:
+    """`language` is an ISO 639-1 code, or None (unknown: `reason` says why)."""
+
+    language: str | None
+    confidence: float
+    reason: str  # "script", "detector", "short", "mixed", "low_confidence", "empty"
+    script: str | None = None
+
+
+class LanguageDetector:
+    """Script shortcuts plus lingua detectors (one per shared script, built on first use and
+    shared by every policy: loading the Latin models takes seconds)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._detectors: dict[str, Any] = {}
+
+    def load(self) -> None:
+        """Build the Latin-script detector now (the common case) rather than on first use."""
+        self._detector("latin")
+
+    def _detector(self, script: str) -> Any:
+        with self._lock:
+            found = self._detectors.get(script)
+            if found is None:
+                from lingua import IsoCode639_1, LanguageDetectorBuilder
+
+                isos = [getattr(IsoCode639_1, code.upper()) for code in SCRIPT_LANGUAGES[script]]
+                found = (
+                    LanguageDetectorBuilder.from_iso_codes_639_1(*isos)
+                    .with_preloaded_language_models()
+                    .build()
+                )
+                self._detectors[script] = found
+            return found
+
+    def detect(self, text: str, *, min_letters: int, min_confidence: float) -> Detection:
+        prose = _CODE.sub(" ", text)[:MAX_CHARS]
+        counts = {name: len(p.findall(prose)) for name, p in _SCRIPTS.items()}
+        letters = sum(counts.values())
+        if letters == 0:
+            return Detection(None, 0.0, "empty")
+        if counts["kana"]:  # Japanese mixes kana with Han characters
+            counts["kana"] += counts.pop("han")
+        script, top = max(counts.items(), key=lambda kv: kv[1])
+        share = top / letters
+        if share < MIXED_SHARE:
+            return Detection(None, round(share, 4), "mixed", script)
+        if letters < min_letters:
+            return Detection(None, round(share, 4), "short", script)
+        if script not in _DETECTOR_SCRIPTS:
+            return Detection(SCRIPT_LANGUAGES[script][0], round(share, 4), "script", script)
+        detector = self._detector(script)
+        values = detector.compute_language_confidence_values(prose)
+        best = values[0] if values else None
+        if best is None:
+            return Detection(None, 0.0, "low_confidence", script)
+        confidence = round(float(best.value) * share, 4)
+        if confidence < min_confidence:
+            return Detection(None, confidence, "low_confidence", script)
+        code = best.language.iso_code_639_1.name.lower()
+        return Detection(code, confidence, "detector", script)
+
+
+@dataclass(frozen=True)
+class LanguageRules:
+    text: tuple[str, ...] = CARD_TEXT_LANGUAGES
+    image: tuple[str, ...] = CARD_IMAGE_LANGUAGES
+    min_confidence: float = 0.6
+    min_letters: int = 16
+
+
+def _has_image(item: GuardInput) -> bool:
+    from model.engine import ImagePart
+
+    return any(isinstance(p, ImagePart) for turn in item.messages for p in turn.parts)
+
+
+class LanguageGuard:
+    name = "language"
+    stages: frozenset[Stage] = frozenset({"input", "output"})
+
+    def __init__(
+        self, detector: LanguageDetector | None = None, rules: LanguageRules | None = None
+    ) -> None:
+        self.detector = detector if detector is not None else LanguageDetector()
+        self.rules = rules if rules is not None else LanguageRules()
+
+    def load(self) -> None:
+        self.detector.load()
+
+    def for_policy(self, policy: Policy) -> LanguageGuard:
+        """The same detector under the policy's allowed languages and floors."""
+        s = policy.language
+        rules = LanguageRules(
+            text=tuple(s.text),
+            image=tuple(s.image),
+            min_confidence=s.min_confidence,
+            min_letters=s.min_letters,
+        )
+        return LanguageGuard(self.detector, rules)
+
+    async def check(self, items: Sequence[GuardInput]) -> list[GuardVerdict]:
+        if sum(len(_judged_text(item)) for item in items) <= INLINE_MAX_CHARS:
+            return [self.check_one(item) for item in items]  # < 1 ms: no thread hop
+        return await asyncio.to_thread(lambda: [self.check_one(item) for item in items])
+
+    def check_one(self, item: GuardInput) -> GuardVerdict:
+        started = time.perf_counter()
+        rules = self.rules
+        found = self.detector.detect(
+            _judged_text(item),
+            min_letters=rules.min_letters,
+            min_confidence=rules.min_confidence,
+        )
+        image = _has_image(item)
+        allowed = rules.image if image else rules.text
+        flagged = found.language is not None and found.language not in allowed
+        details: dict[str, Any] = {
+            "language": found.language or "unknown",
+            "confidence": found.confidence,
+            "basis": found.reason,
+            "image_request": image,
+        }
+        if flagged:
+            kind = "image requests" if image else "text"
+            details["reason"] = (
+                f"language {found.language} is not supported for {kind}; "
+                f"supported: {describe(list(allowed))}"
+            )
+        severity = "safe"
+        if flagged:
+            severity = "high" if found.confidence >= 0.9 else "medium"
+        verdict = GuardVerdict(
+            guard=self.name,
+            categories={
+                CATEGORY: CategoryScore(
+                    score=found.confidence if flagged else 0.0,
+                    severity=severity,  # type: ignore[arg-type]
+                    detected=flagged,
+                )
+            },
+            details={CATEGORY: details},
+        )
+        verdict.latency_s = time.perf_counter() - started
+        return verdict
+
+
+def _judged_text(item: GuardInput) -> str:
+    if item.stage == "output":
+        return item.completion or ""
+    return item.last_user_text()
