@@ -136,14 +136,19 @@ class CodeScanner:
         target.write_text("\n")
         out = self._run_semgrep(source, language, target, allow_rule_errors=True)
         broken = sorted({str(e.get("rule_id")) for e in out.get("errors", []) if e.get("rule_id")})
-        if not broken:
-            return source
-        self.dropped_rules[language] = broken
-        data["rules"] = [r for r in data.get("rules", []) if r.get("id") not in broken]
-        filtered = Path(self._workdir.name) / source.name
-        filtered.write_text(json.dumps(data))
-        self._run_semgrep(filtered, language, target)  # must now run clean, else fail
-        return filtered
+        if broken:
+            self.dropped_rules[language] = broken
+            data["rules"] = [r for r in data.get("rules", []) if r.get("id") not in broken]
+        # The scanner's own copy: what it checked is what it runs.
+        checked = Path(self._workdir.name) / source.name
+        checked.write_text(json.dumps(data))
+        self._run_semgrep(checked, language, target)  # must now run clean, else fail
+        return checked
+
+    def rule_file(self, language: str) -> Path | None:
+        """The semgrep rule file a language's scans run (the scanner's checked copy)."""
+        self.load()
+        return self._rules[language].semgrep_rules
 
     # -- scanning -----------------------------------------------------------------------------
 

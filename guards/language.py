@@ -43,8 +43,10 @@ if TYPE_CHECKING:
 CATEGORY = "unsupported_language"
 # The dominant script must cover this share of the letters, else the text is mixed.
 MIXED_SHARE = 0.6
-# Only the first characters are judged: enough for a confident answer, bounded cost.
+# Scripts are counted on the first MAX_CHARS characters; the statistical detector reads the
+# first DETECT_CHARS of them (a few sentences settle the language; its cost grows with length).
 MAX_CHARS = 1000
+DETECT_CHARS = 400
 # Texts up to this size are judged on the event loop (< 1 ms), longer ones in a thread.
 INLINE_MAX_CHARS = 2000
 
@@ -82,32 +84,40 @@ class Detection:
     script: str | None = None
 
 
-class LanguageDetector:
-    """Script shortcuts plus lingua detectors (one per shared script, built on first use and
-    shared by every policy: loading the Latin models takes seconds)."""
+# lingua detectors per script, built on first use and kept for the process: their models are
+# read-only once loaded, and loading the Latin ones takes seconds (tens under load), which every
+# guard registry (each app, each `policy eval`) would otherwise pay again.
+_LINGUA: dict[str, Any] = {}
+_LINGUA_LOCK = threading.Lock()
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._detectors: dict[str, Any] = {}
+
+def _lingua(script: str) -> Any:
+    with _LINGUA_LOCK:
+        found = _LINGUA.get(script)
+        if found is None:
+            from lingua import IsoCode639_1, LanguageDetectorBuilder
+
+            isos = [getattr(IsoCode639_1, code.upper()) for code in SCRIPT_LANGUAGES[script]]
+            # High-accuracy mode (the default): low-accuracy mode loads 15x faster but calls
+            # short French Italian; short texts are the common case here.
+            found = (
+                LanguageDetectorBuilder.from_iso_codes_639_1(*isos)
+                .with_preloaded_language_models()
+                .build()
+            )
+            _LINGUA[script] = found
+        return found
+
+
+class LanguageDetector:
+    """Script shortcuts plus lingua detectors (one per shared script, shared process-wide)."""
 
     def load(self) -> None:
         """Build the Latin-script detector now (the common case) rather than on first use."""
-        self._detector("latin")
+        _lingua("latin")
 
     def _detector(self, script: str) -> Any:
-        with self._lock:
-            found = self._detectors.get(script)
-            if found is None:
-                from lingua import IsoCode639_1, LanguageDetectorBuilder
-
-                isos = [getattr(IsoCode639_1, code.upper()) for code in SCRIPT_LANGUAGES[script]]
-                found = (
-                    LanguageDetectorBuilder.from_iso_codes_639_1(*isos)
-                    .with_preloaded_language_models()
-                    .build()
-                )
-                self._detectors[script] = found
-            return found
+        return _lingua(script)
 
     def detect(self, text: str, *, min_letters: int, min_confidence: float) -> Detection:
         prose = _CODE.sub(" ", text)[:MAX_CHARS]
@@ -126,7 +136,7 @@ class LanguageDetector:
         if script not in _DETECTOR_SCRIPTS:
             return Detection(SCRIPT_LANGUAGES[script][0], round(share, 4), "script", script)
         detector = self._detector(script)
-        values = detector.compute_language_confidence_values(prose)
+        values = detector.compute_language_confidence_values(prose[:DETECT_CHARS])
         best = values[0] if values else None
         if best is None:
             return Detection(None, 0.0, "low_confidence", script)
