@@ -34,8 +34,8 @@ VULNERABLE = [
      "CWE-120"),
     ("cpp", "#include <cstring>\nvoid f(char* s) { char b[8]; strcpy(b, s); }\n", "CWE-120"),
     ("javascript", "function run(expr) {\n  return eval(expr);\n}\n", "CWE-95"),
-    ("java", 'class A { void f() throws Exception {\n  java.security.MessageDigest.getInstance("MD5");\n}}\n',
-     "CWE-327"),
+    ("java", 'class A { void f() throws Exception {\n'
+             '  java.security.MessageDigest.getInstance("MD5");\n}}\n', "CWE-327"),
     ("php", '<?php\nsystem($_GET["cmd"]);\n', "CWE-78"),
 ]  # fmt: skip
 SAFE = [
