@@ -253,10 +253,20 @@ class CodeScanner:
             self._workdir.cleanup()
 
 
+# semgrep-core's error types for code that does not (fully) parse in the language asked: the
+# rules matched what parsed. Anything else (rule errors, timeouts, out of memory) is fatal.
+_TARGET_PARSE_ERRORS = frozenset(
+    {"PartialParsing", "ParseError", "LexicalError", "SyntaxError", "OtherParseError",
+     "AstBuilderError", "Syntax error", "Lexical error", "Partial parsing", "Other syntax error"}
+)  # fmt: skip
+
+
 def _fatal(error: dict[str, Any]) -> bool:
+    if error.get("rule_id"):
+        return True
     kind = error.get("error_type")
     name = kind[0] if isinstance(kind, list) and kind else str(kind)
-    return name not in ("Syntax error", "Lexical error", "Partial parsing", "Other syntax error")
+    return name not in _TARGET_PARSE_ERRORS
 
 
 def _rules_root() -> Path:

@@ -104,6 +104,11 @@ async def test_unfenced_code_and_unknown_fence_are_scanned_with_every_language(
     assert "CWE-89" in bare.details["insecure_code"]["cwe_ids"]
     (untagged,) = await guard.check([output(fenced("", SQLI_PY))])
     assert "CWE-89" in untagged.details["insecure_code"]["cwe_ids"]
+    # Python code under the JavaScript rules (its `eval(` prescan matches) does not parse as
+    # JavaScript: semgrep reports partial parsing, which is not a failed scan.
+    (python_eval,) = await guard.check([output("def calc(expr):\n    return eval(expr)\n")])
+    assert not python_eval.failed
+    assert python_eval.categories["insecure_code"].detected
 
 
 async def test_prose_is_not_scanned(guard: CodeShieldGuard) -> None:
