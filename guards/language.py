@@ -113,13 +113,26 @@ class LanguageDetector:
     """Script shortcuts plus lingua detectors (one per shared script, shared process-wide)."""
 
     def load(self) -> None:
-        """Build the Latin-script detector now (the common case) rather than on first use."""
-        _lingua("latin")
+        """Build the detectors now (seconds; tens under load) rather than on a request, where
+        it would run past the guard's timeout."""
+        for script in _DETECTOR_SCRIPTS:
+            _lingua(script)
 
     def _detector(self, script: str) -> Any:
         return _lingua(script)
 
-    def detect(self, text: str, *, min_letters: int, min_confidence: float) -> Detection:
+    def detect(
+        self,
+        text: str,
+        *,
+        min_letters: int,
+        min_confidence: float,
+        allowed: frozenset[str] = frozenset(),
+    ) -> Detection:
+        """The language of a text, or unknown. The confidence of a detector answer is that of
+        its side of the decision: for a language outside `allowed`, the detector's summed
+        confidence over every language outside it (Croatian and Bosnian split their
+        confidence, but both are "not allowed"); for an allowed one, its own."""
         prose = _CODE.sub(" ", text)[:MAX_CHARS]
         counts = {name: len(p.findall(prose)) for name, p in _SCRIPTS.items()}
         letters = sum(counts.values())
@@ -137,13 +150,15 @@ class LanguageDetector:
             return Detection(SCRIPT_LANGUAGES[script][0], round(share, 4), "script", script)
         detector = self._detector(script)
         values = detector.compute_language_confidence_values(prose[:DETECT_CHARS])
-        best = values[0] if values else None
-        if best is None:
+        if not values:
             return Detection(None, 0.0, "low_confidence", script)
-        confidence = round(float(best.value) * share, 4)
+        codes = [(v.language.iso_code_639_1.name.lower(), float(v.value)) for v in values]
+        code, value = codes[0]
+        if code not in allowed:
+            value = sum(v for c, v in codes if c not in allowed)
+        confidence = round(value * share, 4)
         if confidence < min_confidence:
             return Detection(None, confidence, "low_confidence", script)
-        code = best.language.iso_code_639_1.name.lower()
         return Detection(code, confidence, "detector", script)
 
 
@@ -193,13 +208,14 @@ class LanguageGuard:
     def check_one(self, item: GuardInput) -> GuardVerdict:
         started = time.perf_counter()
         rules = self.rules
+        image = _has_image(item)
+        allowed = rules.image if image else rules.text
         found = self.detector.detect(
             _judged_text(item),
             min_letters=rules.min_letters,
             min_confidence=rules.min_confidence,
+            allowed=frozenset(allowed),
         )
-        image = _has_image(item)
-        allowed = rules.image if image else rules.text
         flagged = found.language is not None and found.language not in allowed
         details: dict[str, Any] = {
             "language": found.language or "unknown",
