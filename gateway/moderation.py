@@ -64,6 +64,7 @@ class GuardServices:
             device=settings.device,
             code_shield_workers=settings.code_shield_workers,
             code_shield_timeout_s=settings.code_shield_semgrep_timeout_s,
+            background_loads=True,
         )
         log.info("guards_ready", guards=sorted(guards), policies=store.names())
         _report_missing_code_shield(store, guards)

@@ -2,7 +2,8 @@
 
 Detection, cheapest first:
 
-1. Code (fenced blocks, inline code) and URLs are removed: they are not natural language.
+1. Code (fenced blocks, inline code), URLs and long unbroken tokens (base64) are removed: they
+   are not natural language.
 2. Letters are counted per writing system. A text whose dominant script covers less than
    `MIXED_SHARE` of its letters is *mixed*, one with fewer than the policy's `min_letters`
    letters is *short*: both are `unknown` and never flagged (a greeting, a name, a formula).
@@ -50,7 +51,9 @@ DETECT_CHARS = 300
 # Texts up to this size are judged on the event loop (< 1 ms), longer ones in a thread.
 INLINE_MAX_CHARS = 2000
 
-_CODE = re.compile(r"```.*?(?:```|\Z)|`[^`\n]*`|https?://\S+", re.DOTALL)
+# Not natural language: fenced and inline code, URLs, and long unbroken tokens (base64, hashes,
+# identifiers), which lingua would otherwise read as some language.
+_CODE = re.compile(r"```.*?(?:```|\Z)|`[^`\n]*`|https?://\S+|[A-Za-z0-9+/=_-]{24,}", re.DOTALL)
 _SCRIPTS: dict[str, re.Pattern[str]] = {
     "latin": re.compile(r"[A-Za-z\u00C0-\u024F\u1E00-\u1EFF]"),
     "cyrillic": re.compile(r"[\u0400-\u04FF]"),
@@ -81,46 +84,81 @@ class Detection:
 
     language: str | None
     confidence: float
-    reason: str  # "script", "detector", "short", "mixed", "low_confidence", "empty"
+    reason: str  # "script", "detector", "short", "mixed", "low_confidence", "empty", "loading"
     script: str | None = None
 
 
-# lingua detectors per script, built on first use and kept for the process: their models are
-# read-only once loaded, and loading the Latin ones takes seconds (tens under load), which every
-# guard registry (each app, each `policy eval`) would otherwise pay again.
-_LINGUA: dict[str, Any] = {}
+# lingua detectors per (script, accurate), kept for the process: their models are read-only once
+# loaded, and loading takes seconds, which every guard registry (each app, each `policy eval`)
+# would otherwise pay again. Low-accuracy mode (trigrams only) loads in ~1.5 s and is as good as
+# high accuracy from ~120 characters (lingua's own guidance; checked on bench/guard_eval); on
+# short texts it flags plain English ("Write a haiku about harbours at dawn.") as another
+# language, so short texts use high-accuracy mode, which loads in 5-45 s: in the background
+# at start, short texts reading "unknown" (never flagged) until it is there.
+_LINGUA: dict[tuple[str, bool], Any] = {}
 _LINGUA_LOCK = threading.Lock()
+LONG_TEXT_CHARS = 120
 
 
-def _lingua(script: str) -> Any:
+_BUILD_LOCKS: dict[tuple[str, bool], threading.Lock] = {}
+
+
+def _lingua(script: str, accurate: bool) -> Any:
+    key = (script, accurate)
     with _LINGUA_LOCK:
-        found = _LINGUA.get(script)
-        if found is None:
-            from lingua import IsoCode639_1, LanguageDetectorBuilder
-
-            isos = [getattr(IsoCode639_1, code.upper()) for code in SCRIPT_LANGUAGES[script]]
-            # High-accuracy mode (the default): low-accuracy mode loads 15x faster but calls
-            # short French Italian; short texts are the common case here.
-            found = (
-                LanguageDetectorBuilder.from_iso_codes_639_1(*isos)
-                .with_preloaded_language_models()
-                .build()
-            )
-            _LINGUA[script] = found
+        found = _LINGUA.get(key)
+        building = _BUILD_LOCKS.setdefault(key, threading.Lock())
+    if found is not None:
         return found
+    with building:  # one build per detector; other callers wait for it (readers do not)
+        with _LINGUA_LOCK:
+            found = _LINGUA.get(key)
+        if found is not None:
+            return found
+        from lingua import IsoCode639_1, LanguageDetectorBuilder
+
+        isos = [getattr(IsoCode639_1, code.upper()) for code in SCRIPT_LANGUAGES[script]]
+        builder = LanguageDetectorBuilder.from_iso_codes_639_1(*isos)
+        if not accurate:
+            builder = builder.with_low_accuracy_mode()
+        built = builder.with_preloaded_language_models().build()
+        with _LINGUA_LOCK:
+            _LINGUA[key] = built
+        return built
+
+
+def _lingua_ready(script: str, accurate: bool) -> Any | None:
+    with _LINGUA_LOCK:
+        return _LINGUA.get((script, accurate))
+
+
+_ACCURATE_LOADER: threading.Thread | None = None
+
+
+def _load_accurate() -> None:
+    for script in _DETECTOR_SCRIPTS:
+        _lingua(script, True)
 
 
 class LanguageDetector:
-    """Script shortcuts plus lingua detectors (one per shared script, shared process-wide)."""
+    """Script shortcuts plus lingua detectors (per shared script, shared process-wide)."""
 
-    def load(self) -> None:
-        """Build the detectors now (seconds; tens under load) rather than on a request, where
-        it would run past the guard's timeout."""
+    def load(self, *, wait: bool = True) -> None:
+        """Build the detectors now rather than on a request (where loading would run past the
+        guard's timeout). `wait=False` (the gateway): the fast ones now, the accurate ones for
+        short texts in a background thread."""
+        global _ACCURATE_LOADER
         for script in _DETECTOR_SCRIPTS:
-            _lingua(script)
-
-    def _detector(self, script: str) -> Any:
-        return _lingua(script)
+            _lingua(script, False)
+        if wait:
+            _load_accurate()
+            return
+        with _LINGUA_LOCK:
+            if _ACCURATE_LOADER is None:
+                _ACCURATE_LOADER = threading.Thread(
+                    target=_load_accurate, name="lingua-load", daemon=True
+                )
+                _ACCURATE_LOADER.start()
 
     def detect(
         self,
@@ -148,8 +186,14 @@ class LanguageDetector:
             return Detection(None, round(share, 4), "short", script)
         if script not in _DETECTOR_SCRIPTS:
             return Detection(SCRIPT_LANGUAGES[script][0], round(share, 4), "script", script)
-        detector = self._detector(script)
-        values = detector.compute_language_confidence_values(prose[:DETECT_CHARS])
+        sample = prose[:DETECT_CHARS]
+        if len(sample.strip()) >= LONG_TEXT_CHARS:
+            detector = _lingua(script, False)
+        else:
+            detector = _lingua_ready(script, True)
+            if detector is None:  # still loading (the first seconds after start)
+                return Detection(None, 0.0, "loading", script)
+        values = detector.compute_language_confidence_values(sample)
         if not values:
             return Detection(None, 0.0, "low_confidence", script)
         codes = [(v.language.iso_code_639_1.name.lower(), float(v.value)) for v in values]
@@ -200,8 +244,8 @@ class LanguageGuard:
         self.detector = detector if detector is not None else LanguageDetector()
         self.rules = rules if rules is not None else LanguageRules()
 
-    def load(self) -> None:
-        self.detector.load()
+    def load(self, *, wait: bool = True) -> None:
+        self.detector.load(wait=wait)
 
     def for_policy(self, policy: Policy) -> LanguageGuard:
         """The same detector under the policy's allowed languages and floors."""

@@ -24,15 +24,18 @@ def build_guards(
     device: str = "auto",
     code_shield_workers: int = 2,
     code_shield_timeout_s: float = 10.0,
+    background_loads: bool = False,
 ) -> dict[str, Guard]:
     """Blocking (loads classifiers and weights): call it from a worker thread in async code.
 
     Code Shield is there when the optional extra is installed (`pip install '.[codeshield]'`);
-    without it a policy that names `code_shield` skips it (optional) or fails closed."""
+    without it a policy that names `code_shield` skips it (optional) or fails closed.
+    `background_loads` (the gateway): the language guard's slow short-text models load in a
+    background thread (short texts read "unknown" until then) instead of delaying start-up."""
     profanity = ProfanityGuard()
     profanity.load()
     language = LanguageGuard()
-    language.load()
+    language.load(wait=not background_loads)
     guards: dict[str, Guard] = {
         "profanity": profanity,
         "jailbreak_heuristic": JailbreakHeuristicGuard(),
