@@ -47,7 +47,7 @@ MIXED_SHARE = 0.6
 # Scripts are counted on the first MAX_CHARS characters; the statistical detector reads the
 # first DETECT_CHARS of them (a few sentences settle the language; its cost grows with length).
 MAX_CHARS = 1000
-DETECT_CHARS = 300
+DETECT_CHARS = 200
 # Texts up to this size are judged on the event loop (< 1 ms), longer ones in a thread.
 INLINE_MAX_CHARS = 2000
 
