@@ -65,7 +65,8 @@ COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY guards ./guards
 COPY model ./model
-RUN pip install .
+# With Code Shield (the optional extra: Meta's codeshield + semgrep-core, ~130 MB).
+RUN pip install ".[codeshield]"
 
 # ---------------------------------------------------------------------------------------------
 # The slim CPU image: no compilers, non-root, `gateway serve`.

@@ -51,8 +51,12 @@ class GuardServices:
             prompt_guard_path=settings.prompt_guard_path,
             llama_guard_path=settings.llama_guard_path,
             device=settings.device,
+            code_shield_workers=settings.code_shield_workers,
+            code_shield_timeout_s=settings.code_shield_semgrep_timeout_s,
+            background_loads=True,
         )
         log.info("guards_ready", guards=sorted(guards), policies=store.names())
+        _report_missing_code_shield(store, guards)
         services = cls(store=store, pipelines=GuardPipelines(guards, registry), guards=guards)
         services.log_coverage()
         return services
@@ -128,3 +132,20 @@ class GuardServices:
         """Queue a decision for the audit log (nothing happens on the request path)."""
         if self.audit is not None:
             self.audit.record(decision, policy, context, text)
+
+def _report_missing_code_shield(store: PolicyStore, guards: dict[str, Guard]) -> None:
+    """A clear start-up line for each policy that asks for Code Shield when it is missing:
+    an optional one is skipped, a required one fails closed (every completion is withheld)."""
+    if "code_shield" in guards:
+        return
+    for name in store.names():
+        with contextlib.suppress(PolicyNotFound):
+            settings = store.get(name).guards.get("code_shield")
+            if settings is None:
+                continue
+            log.warning(
+                "code_shield_missing",
+                policy=name,
+                effect="skipped" if settings.optional else "completions withheld (fail closed)",
+                fix="pip install '.[codeshield]'",
+            )

@@ -88,6 +88,10 @@ class Settings(LimitsSettings):
     default_policy: str = "default"
     prompt_guard_path: Path | None = None
     llama_guard_path: Path | None = None
+    # Code Shield (optional extra): scans run in this many worker threads (each scan may start
+    # one semgrep process), and one semgrep run is stopped after this many seconds.
+    code_shield_workers: int = Field(default=2, ge=1, le=64)
+    code_shield_semgrep_timeout_s: float = Field(default=10.0, gt=0, le=120)
 
     # Audit log of guard decisions (gateway.audit): a Redis stream capped by length and age.
     audit_enabled: bool = True

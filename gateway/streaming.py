@@ -25,6 +25,7 @@ from gateway.errors import GatewayError, as_gateway_error
 from gateway.logprob_stream import HeldLogprobs
 from gateway.tool_stream import ToolCallStream
 from guards.base import GuardInput
+from guards.code_block_hold import CodeBlockHold
 from guards.decision import Decision
 from guards.pipeline import GuardPipeline
 from guards.stream_context import stream_context_chars
@@ -76,6 +77,7 @@ class ChoiceStream:
             is_blocked=lambda decision: decision.blocked,
             window=chat.policy.streaming.window_chars,
             context=stream_context_chars(chat.policy, chat.pipeline.guards_for("output")),
+            code_hold=code_block_hold(chat),
         )
 
 
@@ -267,6 +269,13 @@ class ChatStream:
 
 
 _NOTHING: ModerationStep[Decision] = ModerationStep()
+
+
+def code_block_hold(chat: PreparedChat) -> CodeBlockHold | None:
+    """A code-block hold when Code Shield judges this stream's output (guards.code_block_hold)."""
+    if "code_shield" not in chat.pipeline.guards_for("output"):
+        return None
+    return CodeBlockHold(window=chat.policy.streaming.code_block_window_chars)
 
 
 def _safe_results(chat: PreparedChat) -> dict[str, Any]:

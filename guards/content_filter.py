@@ -13,7 +13,10 @@ policy, and may switch on the optional keys:
   has blocklists on that stage; `details` lists the lists that matched);
 - `llama_guard` (`{filtered, detected, categories: ["S2", ...]}`: the Llama Guard hazard codes
   that have no Azure counterpart under the policy's mapping and crossed their threshold);
-- `error` (`{code: "guard_error", message}`: a guard failed or timed out).
+- `error` (`{code: "guard_error", message}`: a guard failed or timed out);
+- `insecure_code` (`{filtered, detected, severity?, details?}`, on choices, when Code Shield
+  ran) and `unsupported_language` (`{filtered, detected, details: {language, confidence}}`, when
+  the language guard ran): `GUARD_DETECTION_KEYS`, with extra fields from `key_fields`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from guards.base import Severity
 SEVERITY_CATEGORIES = ("hate", "self_harm", "sexual", "violence")
 DETECTION_CATEGORIES = ("jailbreak", "profanity")
 OPTIONAL_KEYS = ("indirect_attack", "custom_blocklists", "llama_guard")
+# Detection keys of the Code Shield and language guards: reported when their guard ran.
+GUARD_DETECTION_KEYS = ("insecure_code", "unsupported_language")
 
 BLOCKED_PROMPT_MESSAGE = (
     "The prompt was filtered due to triggering the gateway's content management policy. "
@@ -56,6 +61,8 @@ class CategoryVerdicts:
     llama_guard_codes: dict[str, bool] = field(default_factory=dict)
     # Messages of guards that failed (reported under `error`).
     errors: list[str] = field(default_factory=list)
+    # Extra fields of a `GUARD_DETECTION_KEYS` entry (severity, details).
+    key_fields: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def any_filtered(self) -> bool:
@@ -93,6 +100,13 @@ class CategoryVerdicts:
                 "detected": bool(self.llama_guard_codes),
                 "categories": sorted(self.llama_guard_codes, key=_code_order),
             }
+        for name in GUARD_DETECTION_KEYS:
+            if name in self.report:
+                out[name] = {
+                    "filtered": name in self.filtered,
+                    "detected": self.detected.get(name, False),
+                    **self.key_fields.get(name, {}),
+                }
         if self.errors:
             out["error"] = {"code": "guard_error", "message": "; ".join(self.errors)}
         out.update(self.extra)

@@ -30,6 +30,7 @@ from guards.base import SEVERITY_ORDER, GuardVerdict, Severity, Stage
 from guards.content_filter import (
     BLOCKED_PROMPT_MESSAGE,
     DETECTION_CATEGORIES,
+    GUARD_DETECTION_KEYS,
     SEVERITY_CATEGORIES,
     CategoryVerdicts,
     choice_results,
@@ -39,7 +40,9 @@ from guards.content_filter import (
 from guards.policy import LLAMA_GUARD_CODES, Policy
 
 BLOCKLIST_PREFIX = "blocklist:"
-_DETECTION = frozenset((*DETECTION_CATEGORIES, "indirect_attack"))
+_DETECTION = frozenset((*DETECTION_CATEGORIES, "indirect_attack", *GUARD_DETECTION_KEYS))
+# The guard that reports each `GUARD_DETECTION_KEYS` key (its key is reported when it ran).
+_KEY_GUARDS = {"insecure_code": "code_shield", "unsupported_language": "language"}
 _SEVERITY = frozenset(SEVERITY_CATEGORIES)
 _CODES = frozenset(LLAMA_GUARD_CODES)
 
@@ -132,6 +135,7 @@ def decide(
     blocklist_matches: dict[str, set[str]] = {}
     errors: dict[str, str] = {}
     latencies: dict[str, float] = {}
+    key_details: dict[str, dict[str, Any]] = {}
 
     def note(category: str, severity: Severity, guard: str, score: float) -> None:
         severities[category] = _max_severity(severities.get(category), severity)
@@ -144,6 +148,9 @@ def decide(
             errors[verdict.guard] = verdict.error or "failed"
             continue
         has_codes = any(key in _CODES for key in verdict.categories)
+        for key in GUARD_DETECTION_KEYS:
+            if key in verdict.categories and isinstance(verdict.details.get(key), dict):
+                key_details[key] = verdict.details[key]
         for key, cat in verdict.categories.items():
             severity: Severity = cat.severity
             if cat.detected and severity == "safe":
@@ -188,6 +195,9 @@ def decide(
             continue
         hits[category] = rule.action
         guards = ", ".join(sorted(sources.get(category, ())))
+        why = key_details.get(category, {}).get("reason")
+        if why:
+            guards = f"{guards}: {why}"
         if category in _CODES:
             result.llama_guard_codes[category] = rule.action == "block"
         if rule.action == "block":
@@ -220,6 +230,16 @@ def decide(
         result.report.add("custom_blocklists")
     if "llama_guard" in ran_names:
         result.report.add("llama_guard")
+    for key, guard in _KEY_GUARDS.items():
+        if guard in ran_names and not policy.is_excluded(key):
+            result.report.add(key)
+            fields: dict[str, Any] = {}
+            if key in severities and key == "insecure_code" and severities[key] != "safe":
+                fields["severity"] = severities[key]
+            details = {k: v for k, v in key_details.get(key, {}).items() if k != "reason"}
+            if details:
+                fields["details"] = details
+            result.key_fields[key] = fields
 
     return Decision(
         stage=stage,

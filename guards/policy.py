@@ -35,11 +35,17 @@ from pydantic import (
 
 from guards.base import SEVERITY_ORDER, Stage
 from guards.blocklist import CompiledBlocklist, check_regex, check_term
+from guards.language_codes import CARD_IMAGE_LANGUAGES, CARD_TEXT_LANGUAGES, check_language_code
 
-GuardName = Literal["blocklist", "profanity", "jailbreak_heuristic", "prompt_guard", "llama_guard"]
+GuardName = Literal[
+    "blocklist", "profanity", "jailbreak_heuristic", "prompt_guard", "llama_guard",
+    "code_shield", "language",
+]  # fmt: skip
 KNOWN_GUARDS: tuple[str, ...] = GuardName.__args__  # type: ignore[attr-defined]
 # Guards that only make sense on the prompt.
 INPUT_ONLY_GUARDS = frozenset({"jailbreak_heuristic", "prompt_guard"})
+# Guards that only make sense on the completion.
+OUTPUT_ONLY_GUARDS = frozenset({"code_shield"})
 
 Threshold = Literal["low", "medium", "high"]
 Action = Literal["block", "annotate"]
@@ -52,6 +58,7 @@ LLAMA_GUARD_CODES: tuple[str, ...] = LlamaGuardCode.__args__  # type: ignore[att
 CategoryName = Literal[
     "hate", "self_harm", "sexual", "violence", "jailbreak", "indirect_attack", "profanity",
     "S1", "S2", "S3", "S4", "S5", "S6", "S7", "S8", "S9", "S10", "S11", "S12", "S13", "S14",
+    "insecure_code", "unsupported_language",
 ]  # fmt: skip
 CATEGORY_NAMES: tuple[str, ...] = CategoryName.__args__  # type: ignore[attr-defined]
 
@@ -189,6 +196,29 @@ class StreamingSettings(_Strict):
     # At most this many characters of generated text are held back before the output guards
     # check them; checks also happen earlier at natural boundaries (sentence or line ends).
     window_chars: int = Field(default=200, ge=16, le=4000)
+    # With code_shield on output: a fenced code block is held back whole until it closes (so
+    # Code Shield scans it complete before any of it is sent), at most this many characters;
+    # past that, what is held is scanned as it is and released if clean.
+    code_block_window_chars: int = Field(default=4000, ge=16, le=100_000)
+
+
+LanguageCode = Annotated[str, AfterValidator(check_language_code)]
+
+
+class LanguageSettings(_Strict):
+    """The `language` guard's allowed languages (ISO 639-1) and its floors."""
+
+    # Text-only conversations: the model card's eight languages by default.
+    text: Annotated[list[LanguageCode], AfterValidator(_unique)] = Field(
+        default_factory=lambda: list(CARD_TEXT_LANGUAGES), min_length=1
+    )
+    # Conversations with an image: English only by default (the card's image+text support).
+    image: Annotated[list[LanguageCode], AfterValidator(_unique)] = Field(
+        default_factory=lambda: list(CARD_IMAGE_LANGUAGES), min_length=1
+    )
+    # Below this confidence, or with fewer letters, the language is unknown: never flagged.
+    min_confidence: float = Field(default=0.6, ge=0, le=1)
+    min_letters: int = Field(default=16, ge=1, le=1000)
 
 
 class AuditSettings(_Strict):
@@ -214,6 +244,7 @@ class Policy(_Strict):
     custom_blocklists: list[BlocklistSettings] = Field(default_factory=list)
     streaming: StreamingSettings = StreamingSettings()
     audit: AuditSettings = AuditSettings()
+    language: LanguageSettings = LanguageSettings()
 
     _compiled: tuple[CompiledBlocklist, ...] = PrivateAttr(default=())
     _source: Path | None = PrivateAttr(default=None)
@@ -247,6 +278,8 @@ class Policy(_Strict):
         for guard, settings in self.guards.items():
             if guard in INPUT_ONLY_GUARDS and "output" in settings.stages:
                 problems.append((("guards", guard, "stages"), f"{guard} runs on input only"))
+            if guard in OUTPUT_ONLY_GUARDS and "input" in settings.stages:
+                problems.append((("guards", guard, "stages"), f"{guard} runs on output only"))
         seen: set[str] = set()
         for i, blocklist in enumerate(self.custom_blocklists):
             if blocklist.name in seen:

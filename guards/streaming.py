@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from guards.code_block_hold import CodeBlockHold
 from guards.stream_context import SENTENCE_REACH_CHARS, compact
 
 # Characters after which a check is natural: the end of a sentence, clause or line.
@@ -76,6 +77,8 @@ class StreamModerator(Generic[R]):
     checked_chars: int = 0  # characters given to `check`, all checks together
     released_chars: int = 0
     blocked: bool = False
+    # Set when Code Shield runs on output: fenced code is held whole (guards.code_block_hold).
+    code_hold: CodeBlockHold | None = None
     _boundary_chars: frozenset[str] = field(default=BOUNDARY_CHARS, repr=False)
     _released: list[str] = field(default_factory=list, repr=False)
     _context: str = field(default="", repr=False)  # the compact end of the released text
@@ -123,10 +126,10 @@ class StreamModerator(Generic[R]):
         limit = held - self._tail
         return limit > 0 and self._boundary.search(self.held, 0, limit) is not None
 
-    def _text_to_check(self) -> str:
-        """The held text not checked yet, after the end of the text before it: at least
-        `context` compact characters of it (released or still held), reaching back to the
-        start of a sentence or line when one begins shortly before."""
+    def _text_to_check(self, limit: int) -> str:
+        """The held text not checked yet (up to `limit`), after the end of the text before it:
+        at least `context` compact characters of it (released or still held), reaching back to
+        the start of a sentence or line when one begins shortly before."""
         split = len(self.held) - self._unchecked
         before = compact(self._context + self.held[:split]) if split else self._context
         start = max(0, len(before) - self._context_chars)
@@ -135,14 +138,24 @@ class StreamModerator(Generic[R]):
                 if before[i] in self._boundary_chars:
                     start = i + 1
                     break
-        return before[start:] + self.held[split:]
+        return before[start:] + self.held[split:limit]
 
     async def _check_and_release(self, *, final: bool = False) -> ModerationStep[R]:
-        text = self.released + self.held if final else self._text_to_check()
-        result = await self.check(text)
-        self.checks += 1
-        self.checked_chars += len(text)
-        self._unchecked = 0
+        limit = len(self.held)  # how much of the held text this check may judge and release
+        if self.code_hold is not None and not final:
+            # An open fenced code block is neither checked nor released until it closes (or
+            # outgrows its window): Code Shield judges a block whole (guards.code_block_hold).
+            limit = self.code_hold.plan(self.released, self.held).release_limit
+        fresh = self._unchecked > len(self.held) - limit  # new text before any held block
+        if final or fresh or self.last_result is None:
+            text = self.released + self.held if final else self._text_to_check(limit)
+            result = await self.check(text)
+            self.checks += 1
+            self.checked_chars += len(text)
+        else:
+            result = self.last_result  # nothing new to judge: the rest is a held code block
+        # What lies beyond `limit` (a held block) stays unchecked for a later check.
+        self._unchecked = 0 if final else len(self.held) - limit
         self.last_result = result
         if self.is_blocked(result):
             self.blocked = True
@@ -151,7 +164,12 @@ class StreamModerator(Generic[R]):
         # Release up to the last boundary or space before the tail: a word cut in half and the
         # tail stay held, so that a term split across two checks is never half-sent before the
         # check that sees it whole.
-        cut = len(self.held) if final else self._release_point(self.held)
+        if final:
+            cut = len(self.held)
+        elif limit < len(self.held):  # up to a held code block's fence line: judged whole
+            cut = limit
+        else:
+            cut = self._release_point(self.held)
         out, self.held = self.held[:cut], self.held[cut:]
         if out:
             self._release(out)

@@ -70,6 +70,7 @@ def test_coverage_without_and_with_llama_guard() -> None:
     embedded = {
         "profanity": SimpleNamespace(stages=frozenset({"input", "output"})),
         "jailbreak_heuristic": SimpleNamespace(stages=frozenset({"input"})),
+        "language": SimpleNamespace(stages=frozenset({"input", "output"})),  # built in
     }
     gaps = cannot_judge(DEFAULT, embedded)
     assert gaps == {c: ["input", "output"] for c in ("hate", "self_harm", "sexual", "violence")}

@@ -268,12 +268,14 @@ async def test_safe_decision_has_the_stage_keys() -> None:
 
 
 async def test_real_embedded_guards_under_the_default_policy() -> None:
+    from guards.language import LanguageGuard
     from guards.profanity import ProfanityGuard
 
     profanity = ProfanityGuard(classifier=lambda texts: [0.0 for _ in texts])
     guards: dict[str, Guard] = {
         "profanity": profanity,
         "jailbreak_heuristic": JailbreakHeuristicGuard(),
+        "language": LanguageGuard(),
     }
     pipeline = GuardPipeline(load_policy(POLICY_DIR / "default.yaml"), guards)
     attack, benign, canary, rude = await pipeline.run(
