@@ -133,6 +133,7 @@ class GuardServices:
         if self.audit is not None:
             self.audit.record(decision, policy, context, text)
 
+
 def _report_missing_code_shield(store: PolicyStore, guards: dict[str, Guard]) -> None:
     """A clear start-up line for each policy that asks for Code Shield when it is missing:
     an optional one is skipped, a required one fails closed (every completion is withheld)."""
