@@ -238,14 +238,14 @@ async def evaluate(request: Request) -> JSONResponse:
     if body.jsonl is not None:
         text = body.jsonl
     elif body.dataset is not None:
-        path = DATASETS_DIR / body.dataset
-        if "/" in body.dataset or not path.is_file():
+        path = (DATASETS_DIR / body.dataset).resolve()
+        if not path.is_relative_to(DATASETS_DIR.resolve()) or not path.is_file():
             raise NotFound(f"No shipped data set '{body.dataset}'.", param="dataset")
-        text = path.read_text(encoding="utf-8")
+        text = await asyncio.to_thread(path.read_text, encoding="utf-8")
     else:
         raise InvalidRequest("Send 'jsonl' (the labelled lines) or 'dataset' (a shipped one).")
     try:
-        lines = dry_run.parse_jsonl(text)
+        lines = await asyncio.to_thread(dry_run.parse_jsonl, text)
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="jsonl") from None
     if not lines or len(lines) > MAX_EVAL_LINES:
@@ -257,5 +257,7 @@ async def evaluate(request: Request) -> JSONResponse:
         if name is not None and (draft is None or name in guards.store)
         else None
     )
-    result = await dry_run.evaluate(saved, draft, guards.guards, lines, DATASETS_DIR)
+    loader: ImageLoader = request.app.state.images
+    images = await dry_run.load_images(lines, loader, DATASETS_DIR)
+    result = await dry_run.evaluate(saved, draft, guards.guards, lines, images)
     return JSONResponse(result)

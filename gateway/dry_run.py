@@ -8,6 +8,7 @@ error) is reported next to the decision. Dry runs count in no production metric.
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,13 +16,15 @@ from typing import Any
 
 from PIL import Image
 
+from gateway.errors import GatewayError, InvalidRequest
+from gateway.images import ImageLoader
 from guards.base import Guard, GuardInput, GuardVerdict, Stage
 from guards.blocklist import BlocklistGuard
 from guards.coverage import stage_coverage
 from guards.decision import Decision
 from guards.pipeline import GuardPipeline
 from guards.policy import Policy
-from guards.policy_cli import Counts, DataError, EvalLine, _guard_input, read_data
+from guards.policy_cli import Counts, DataError, EvalLine, guard_input, read_data
 from model.engine import ChatTurn, ImagePart, TextPart
 
 
@@ -182,14 +185,62 @@ def parse_jsonl(text: str) -> list[EvalLine]:
             raise ValueError(str(exc).replace(str(path), "line")) from None
 
 
+async def load_images(
+    lines: Sequence[EvalLine], loader: ImageLoader, datasets_dir: Path
+) -> dict[int, Image.Image]:
+    """The images of uploaded lines, by line number. An upload may name only a `data:` image
+    (through the app's image limits) or a file inside the shipped data sets' folder: never any
+    other path on the server. A bad image is a 400 naming its line."""
+    root = datasets_dir.resolve()
+    images: dict[int, Image.Image] = {}
+    for line in lines:
+        ref = line.image
+        if ref is None or ref == "":
+            continue
+        if not isinstance(ref, str):
+            raise InvalidRequest(f"line {line.line}: 'image' must be a string.", param="jsonl")
+        try:
+            if ref[:5].lower() == "data:":
+                images[line.line] = await loader.load(ref)
+                continue
+            data = await asyncio.to_thread(_shipped_file, root, ref)
+            if data is None:
+                raise InvalidRequest(
+                    f"line {line.line}: 'image' must be a data: URL or the name of an image "
+                    "shipped with the data sets.",
+                    param="jsonl",
+                )
+            images[line.line] = await loader.decode(data)
+        except GatewayError as exc:
+            raise InvalidRequest(
+                f"line {line.line}: image: {exc.message}", param="jsonl", code=exc.code
+            ) from None
+    return images
+
+
+def _shipped_file(root: Path, ref: str) -> bytes | None:
+    """The bytes of `ref` when it is a file under `root` (None for anything else)."""
+    try:
+        path = (root / ref).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            return None
+        return path.read_bytes()
+    except (OSError, ValueError):
+        return None
+
+
 async def predictions(
-    policy: Policy, guards: Mapping[str, Guard], lines: Sequence[EvalLine], base: Path
+    policy: Policy,
+    guards: Mapping[str, Guard],
+    lines: Sequence[EvalLine],
+    images: Mapping[int, Image.Image],
 ) -> list[tuple[set[str], bool]]:
     """Per line: the categories that hit, and whether it was blocked."""
     pipeline = GuardPipeline(policy, bound_guards(policy, guards))
     out: list[tuple[set[str], bool]] = []
     for line in lines:
-        (decision,) = await pipeline.run(line.stage, [_guard_input(line, base)])
+        item = guard_input(line, images.get(line.line))
+        (decision,) = await pipeline.run(line.stage, [item])
         out.append((set(decision.hits), decision.blocked))
     return out
 
@@ -224,7 +275,7 @@ async def evaluate(
     draft: Policy | None,
     guards: Mapping[str, Guard],
     lines: Sequence[EvalLine],
-    base: Path,
+    images: Mapping[int, Image.Image],
 ) -> dict[str, Any]:
     """Both policies side by side over the lines, and the lines whose decision changed."""
     result: dict[str, Any] = {"lines": len(lines)}
@@ -232,7 +283,7 @@ async def evaluate(
     for label, policy in (("saved", saved), ("draft", draft)):
         if policy is None:
             continue
-        runs[label] = await predictions(policy, guards, lines, base)
+        runs[label] = await predictions(policy, guards, lines, images)
         result[label] = {
             "policy": policy.name,
             "version": policy.version,
