@@ -158,12 +158,23 @@ def test_pagination_filters_and_summary(server: str) -> None:
         ({"stage": "middle"}, "stage"),
         ({"limit": "0"}, "limit"),
         ({"cursor": "abc"}, "cursor"),
+        ({"since": "inf"}, "since"),
+        ({"since": "1e400"}, "since"),
+        ({"since": "nan"}, "since"),
+        ({"since": "-5"}, "since"),
+        ({"until": "1e17"}, "until"),
+        ({"until": "-1e30"}, "until"),
+        ({"since": "0001-01-01T00:00:00Z"}, "since"),
     ],
 )
 def test_bad_filters_are_400(server: str, params: dict[str, str], param: str) -> None:
     resp = audit(server, **params)
-    assert resp.status_code == 400
+    assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["param"] == param
+    summary = httpx.get(f"{server}/admin/audit/summary", params=params, headers=ADMIN)
+    if param in ("since", "until"):
+        assert summary.status_code == 400, summary.text
+        assert summary.json()["error"]["param"] == param
 
 
 @pytest.fixture
