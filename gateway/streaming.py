@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 
+from gateway.audit import should_audit
 from gateway.chat import ChatService, PreparedChat, checked_finish, engine_failure, usage_body
 from gateway.errors import GatewayError
 from guards.base import GuardInput
@@ -50,15 +51,21 @@ class ChoiceStream:
         self.results = safe  # the results of the last check (safe until the first one)
         self.deltas = 0
         self.open = True
-        audited: dict[str, str] = {}
+        # The last audited (hits, failed guards): a failure's message may vary between checks.
+        audited: list[tuple[dict[str, str], frozenset[str]]] = []
 
         async def check(text: str) -> Decision:
             item = GuardInput("output", chat.turns, completion=text)
             (decision,) = await chat.pipeline.run("output", [item])
-            # The text is re-checked as it grows: audit a decision once, not at every check.
-            if audit is not None and (decision.blocked or decision.hits != audited):
-                audited.clear()
-                audited.update(decision.hits)
+            # The text is re-checked as it grows: audit a decision once, not at every check
+            # (the same rule as the non-streamed path: blocked, annotated or a guard failed).
+            seen = (dict(decision.hits), frozenset(decision.errors))
+            if (
+                audit is not None
+                and should_audit(decision)
+                and (decision.blocked or audited[-1:] != [seen])
+            ):
+                audited[:] = [seen]
                 audit(decision, text)
             return decision
 
