@@ -38,7 +38,10 @@ from guards.policy import Policy
 
 log = structlog.get_logger(__name__)
 
-_API_KEY_RE = re.compile(r"sk-[A-Za-z0-9_\-]{8,}")
+# Anything shaped like an API key: the character set gateway.keys accepts (any printable ASCII).
+_API_KEY_RE = re.compile(r"sk-[!-~]{8,}")
+# Masked before the sample is cut (so a key at the cut is masked whole): this much past it.
+_KEY_MAX_LEN = 256
 # A page of `query` reads at most this many stream entries looking for matches.
 _SCAN_LIMIT = 5000
 _READ_CHUNK = 200
@@ -115,7 +118,8 @@ def audit_entry(
         "guard_errors": dict(decision.errors),
     }
     if policy.audit.include_content and text is not None:
-        entry["content"] = _API_KEY_RE.sub("sk-***", text[: policy.audit.max_chars])
+        cap = policy.audit.max_chars
+        entry["content"] = _API_KEY_RE.sub("sk-***", text[: cap + _KEY_MAX_LEN])[:cap]
     return entry
 
 

@@ -272,3 +272,19 @@ async def test_a_full_queue_drops_and_counts(client: aioredis.Redis, prefix: str
     await log.stop()
     assert await client.xlen(log.stream_key) == 3
     assert log.metrics.written._value.get() == 3
+
+
+async def test_content_sample_masks_keys_of_any_printable_characters(
+    audit: AuditLog, client: aioredis.Redis
+) -> None:
+    p = policy("audit: {include_content: true, max_chars: 40}")
+    odd_key = "sk-Ab!c$d%e&f*g+h=i~j#k@l^m|n.o,p?q"
+    text = f"the harbour {odd_key} then the key cut by the cap: {SECRET_KEY}"
+    decision = await decide(p, text)
+    audit.record(decision, p, ctx(), text)
+    await audit.flush()
+    (entry,), _ = await audit.query(AuditFilter())
+    assert entry["content"].startswith("the harbour sk-*** then"), entry["content"]
+    stored = json.dumps(entry)
+    for leaked in ("Ab!c", "q?p", "p?q", SECRET_KEY[3:10]):
+        assert leaked not in stored
