@@ -157,6 +157,7 @@ class AuditLog:
         queue_size: int = 10_000,
         batch_size: int = 256,
         retry_pause_s: float = 0.5,
+        drop_log_interval_s: float = 10.0,
     ) -> None:
         self.client = client
         self.stream_key = stream_key
@@ -171,6 +172,11 @@ class AuditLog:
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        # Drops are all counted (the metric) but logged at most once per interval, with the
+        # count since the last line: an outage must not turn every request into a log line.
+        self.drop_log_interval_s = drop_log_interval_s
+        self._unlogged_drops: dict[str, int] = {}
+        self._last_drop_log = -float("inf")
         self.owns_client = False  # a client of its own (GATEWAY_AUDIT_REDIS_URL): closed on stop
 
     @classmethod
@@ -208,15 +214,30 @@ class AuditLog:
             if not should_audit(decision):
                 return
             if len(self._queue) >= self._queue_size:
-                self.metrics.dropped.labels("queue_full").inc()
-                log.warning("audit_dropped", reason="queue_full")
+                self._dropped("queue_full", 1)
                 return
             self._queue.append(json.dumps(audit_entry(decision, policy, context, text)))
             self._idle.clear()
             self._wake.set()
         except Exception as exc:  # the audit log must never fail a request
-            self.metrics.dropped.labels("error").inc()
-            log.warning("audit_record_failed", error=str(exc))
+            self._dropped("error", 1, str(exc))
+
+    def _dropped(self, reason: str, count: int, error: str | None = None) -> None:
+        """Count lost entries; log them (with the counts since the last line) at most once per
+        `drop_log_interval_s`."""
+        self.metrics.dropped.labels(reason).inc(count)
+        self._unlogged_drops[reason] = self._unlogged_drops.get(reason, 0) + count
+        now = time.monotonic()
+        if now - self._last_drop_log < self.drop_log_interval_s:
+            return
+        dropped, self._unlogged_drops = self._unlogged_drops, {}
+        self._last_drop_log = now
+        log.warning(
+            "audit_dropped",
+            dropped=dropped,
+            interval_s=self.drop_log_interval_s,
+            last_error=error,
+        )
 
     def start(self) -> None:
         if self._task is None:
@@ -252,10 +273,7 @@ class AuditLog:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.metrics.dropped.labels("redis_error").inc(len(batch))
-                log.warning(
-                    "audit_write_failed", entries=len(batch), error=str(exc) or type(exc).__name__
-                )
+                self._dropped("redis_error", len(batch), str(exc) or type(exc).__name__)
                 # A Redis that is down refuses at once: do not retry in a tight loop (entries
                 # queue meanwhile, and beyond the bound are dropped and counted).
                 await asyncio.sleep(self.retry_pause_s)

@@ -288,3 +288,30 @@ async def test_content_sample_masks_keys_of_any_printable_characters(
     stored = json.dumps(entry)
     for leaked in ("Ab!c", "q?p", "p?q", SECRET_KEY[3:10]):
         assert leaked not in stored
+
+
+async def test_drops_are_all_counted_but_logged_once_per_interval(
+    client: aioredis.Redis, prefix: str
+) -> None:
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+    from structlog.testing import capture_logs
+
+    registry = CollectorRegistry()
+    # No writer started and room for one entry: every later record is a queue_full drop.
+    log = AuditLog(
+        client, f"{prefix}:audit", registry=registry, queue_size=1, drop_log_interval_s=0.3
+    )
+    p = policy()
+    decision = await decide(p, "GATEWAY-CANARY-BLOCK")
+    with capture_logs() as logs:
+        for _ in range(200):
+            log.record(decision, p, ctx())
+        await asyncio.sleep(0.35)
+        log.record(decision, p, ctx())
+        log.record(decision, p, ctx())
+    dropped = registry.get_sample_value("gateway_audit_dropped_total", {"reason": "queue_full"})
+    assert dropped == 201
+    lines = [e for e in logs if e["event"] == "audit_dropped"]
+    assert [e["dropped"] for e in lines] == [{"queue_full": 1}, {"queue_full": 199}], lines
