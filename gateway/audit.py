@@ -45,6 +45,8 @@ _KEY_MAX_LEN = 256
 # A page of `query` reads at most this many stream entries looking for matches.
 _SCAN_LIMIT = 5000
 _READ_CHUNK = 200
+# `summary` reads at most this many entries of its window (newest first), then says truncated.
+SUMMARY_MAX_ENTRIES = 20_000
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,7 @@ class AuditLog:
         batch_size: int = 256,
         retry_pause_s: float = 0.5,
         drop_log_interval_s: float = 10.0,
+        summary_max_entries: int = SUMMARY_MAX_ENTRIES,
     ) -> None:
         self.client = client
         self.stream_key = stream_key
@@ -175,6 +178,7 @@ class AuditLog:
         # Drops are all counted (the metric) but logged at most once per interval, with the
         # count since the last line: an outage must not turn every request into a log line.
         self.drop_log_interval_s = drop_log_interval_s
+        self.summary_max_entries = summary_max_entries
         self._unlogged_drops: dict[str, int] = {}
         self._last_drop_log = -float("inf")
         self.owns_client = False  # a client of its own (GATEWAY_AUDIT_REDIS_URL): closed on stop
@@ -317,28 +321,47 @@ class AuditLog:
         return out, last_id
 
     async def summary(self, where: AuditFilter) -> dict[str, Any]:
-        """Counts per category and per action (and per category per time bucket) in a window."""
-        per_category: dict[str, int] = {}
-        per_action: dict[str, int] = {}
-        total = 0
-        cursor: str | None = None
-        entries: list[dict[str, Any]] = []
+        """Counts per category and per action (and per category per time bucket) in a window.
+
+        Reads at most `summary_max_entries` entries (newest first; `truncated` says when the
+        window held more) and decodes them in a worker thread, off the event loop."""
+        high = _id_bound(where.until_ms, "+")
+        low = _id_bound(where.since_ms, "-")
+        rows: list[tuple[Any, Any]] = []
+        truncated = False
         while True:
-            page, cursor = await self.query(where, cursor=cursor, limit=1000)
-            entries.extend(page)
-            if cursor is None or len(entries) >= 50_000:
+            room = self.summary_max_entries - len(rows)
+            if room <= 0:
+                truncated = bool(await self.client.xrevrange(self.stream_key, high, low, count=1))
                 break
-        for entry in entries:
-            total += 1
-            per_action[entry["action"]] = per_action.get(entry["action"], 0) + 1
-            for category in entry.get("categories", {}):
-                per_category[category] = per_category.get(category, 0) + 1
-        return {
-            "total": total,
-            "categories": per_category,
-            "actions": per_action,
-            "buckets": _buckets(entries),
-        }
+            want = min(1000, room)
+            chunk = await self.client.xrevrange(self.stream_key, high, low, count=want) or []
+            rows.extend(chunk)
+            if len(chunk) < want:
+                break
+            high = f"({chunk[-1][0]!s}"
+        summary = await asyncio.to_thread(_summarise, rows, where)
+        return {**summary, "truncated": truncated}
+
+
+def _summarise(rows: list[tuple[Any, Any]], where: AuditFilter) -> dict[str, Any]:
+    per_category: dict[str, int] = {}
+    per_action: dict[str, int] = {}
+    entries: list[dict[str, Any]] = []
+    for raw_id, fields in rows:
+        entry = decode_entry(str(raw_id), fields)
+        if entry is None or not where.matches(entry):
+            continue
+        entries.append(entry)
+        per_action[entry["action"]] = per_action.get(entry["action"], 0) + 1
+        for category in entry.get("categories", {}):
+            per_category[category] = per_category.get(category, 0) + 1
+    return {
+        "total": len(entries),
+        "categories": per_category,
+        "actions": per_action,
+        "buckets": _buckets(entries),
+    }
 
 
 def _buckets(entries: list[dict[str, Any]], count: int = 24) -> list[dict[str, Any]]:

@@ -315,3 +315,29 @@ async def test_drops_are_all_counted_but_logged_once_per_interval(
     assert dropped == 201
     lines = [e for e in logs if e["event"] == "audit_dropped"]
     assert [e["dropped"] for e in lines] == [{"queue_full": 1}, {"queue_full": 199}], lines
+
+
+async def test_summary_reads_at_most_its_cap_and_says_truncated(
+    client: aioredis.Redis, prefix: str
+) -> None:
+    log = AuditLog(client, f"{prefix}:audit", summary_max_entries=25)
+    log.start()
+    try:
+        p = policy()
+        blocked = await decide(p, "GATEWAY-CANARY-BLOCK")
+        annotated = await decide(p, "the harbour")
+        for i in range(30):
+            log.record(blocked if i % 3 else annotated, p, ctx())
+        await log.flush()
+        capped = await log.summary(AuditFilter())
+        assert capped["total"] == 25 and capped["truncated"] is True
+        log.summary_max_entries = 1000
+        full = await log.summary(AuditFilter())
+        assert full["total"] == 30 and full["truncated"] is False
+        assert full["actions"] == {"blocked": 20, "annotated": 10}
+        assert full["categories"]["blocklist:canary"] == 20
+        assert sum(sum(b["categories"].values()) for b in full["buckets"]) >= 30
+        only = await log.summary(AuditFilter(action="annotated"))
+        assert only["total"] == 10 and only["actions"] == {"annotated": 10}
+    finally:
+        await log.stop()
