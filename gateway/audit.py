@@ -22,7 +22,7 @@ import json
 import re
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -47,6 +47,11 @@ _SCAN_LIMIT = 5000
 _READ_CHUNK = 200
 # `summary` reads at most this many entries of its window (newest first), then says truncated.
 SUMMARY_MAX_ENTRIES = 20_000
+
+
+# The judged text for a content sample: a string, or a zero-argument callable that builds it
+# (called only when the policy keeps a sample, so that no text is built for nothing).
+AuditText = str | Callable[[], str] | None
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,7 @@ def audit_entry(
     decision: Decision,
     policy: Policy,
     context: AuditContext | None,
-    text: str | None = None,
+    text: AuditText = None,
     *,
     now: float | None = None,
 ) -> dict[str, Any]:
@@ -120,6 +125,8 @@ def audit_entry(
         "guard_errors": dict(decision.errors),
     }
     if policy.audit.include_content and text is not None:
+        if callable(text):
+            text = text()
         cap = policy.audit.max_chars
         entry["content"] = _API_KEY_RE.sub("sk-***", text[: cap + _KEY_MAX_LEN])[:cap]
     return entry
@@ -211,7 +218,7 @@ class AuditLog:
         decision: Decision,
         policy: Policy,
         context: AuditContext | None,
-        text: str | None = None,
+        text: AuditText = None,
     ) -> None:
         """Queue one decision (if it did something). Never raises, never waits."""
         try:

@@ -341,3 +341,24 @@ async def test_summary_reads_at_most_its_cap_and_says_truncated(
         assert only["total"] == 10 and only["actions"] == {"annotated": 10}
     finally:
         await log.stop()
+
+
+async def test_text_is_built_only_when_the_policy_keeps_a_sample(audit: AuditLog) -> None:
+    built: list[str] = []
+
+    def text() -> str:
+        built.append("built")
+        return "the harbour at dawn"
+
+    content_free = policy()
+    decision = await decide(content_free, "the harbour")
+    audit.record(decision, content_free, ctx(request_id="req_free"), text)
+    keeps = policy("audit: {include_content: true, max_chars: 60}")
+    decision = await decide(keeps, "the harbour")
+    audit.record(decision, keeps, ctx(request_id="req_keeps"), text)
+    await audit.flush()
+    assert built == ["built"]  # only for the policy that keeps a sample
+    entries, _ = await audit.query(AuditFilter())
+    by_id = {e["request_id"]: e for e in entries}
+    assert "content" not in by_id["req_free"]
+    assert by_id["req_keeps"]["content"] == "the harbour at dawn"
