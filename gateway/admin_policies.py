@@ -27,9 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from gateway import dry_run, policy_files
 from gateway.admin import require_admin
 from gateway.errors import GatewayError, InvalidRequest, NotFound
-from gateway.images import ImageLimits, ImageLoader
+from gateway.images import ImageLoader
 from gateway.moderation import GuardServices
-from gateway.settings import PROJECT_ROOT, Settings
+from gateway.settings import PROJECT_ROOT
 from guards.policy import Policy
 from guards.policy_store import PolicyNotFound
 
@@ -208,15 +208,12 @@ async def dry_run_endpoint(request: Request) -> JSONResponse:
         raise NotFound(f"No policy named '{body.policy}' is loaded.", param="policy")
     image = None
     if body.image:
-        settings: Settings = request.app.state.settings
-        loader = ImageLoader(ImageLimits.from_settings(settings))
+        loader: ImageLoader = request.app.state.images  # the app's (its limits, one client)
         try:
             image = await loader.load(body.image)
         except GatewayError as exc:
             exc.param = "image"
             raise
-        finally:
-            await loader.aclose()
     run = dry_run.dry_run
     if draft is None:
         assert saved is not None

@@ -103,7 +103,7 @@ async def dry_run(
 ) -> dict[str, Any]:
     """The would-be API answer and every guard's verdict, for one policy."""
     recorders = bound_guards(policy, guards)
-    pipeline = GuardPipeline(policy, recorders)
+    pipeline = GuardPipeline(policy, recorders, quiet=True)
     parts: tuple[TextPart | ImagePart, ...] = (TextPart(prompt),)
     if image is not None:
         parts = (ImagePart(image), TextPart(prompt))
@@ -243,7 +243,7 @@ async def predictions(
     images: Mapping[int, Image.Image],
 ) -> list[tuple[set[str], bool]]:
     """Per line (in order): the categories that hit, and whether it was blocked."""
-    pipeline = GuardPipeline(policy, bound_guards(policy, guards))
+    pipeline = GuardPipeline(policy, bound_guards(policy, guards), quiet=True)
     out: list[tuple[set[str], bool] | None] = [None] * len(lines)
     batches: list[list[int]] = []
     for stage in ("input", "output"):

@@ -70,3 +70,20 @@ async def test_evaluate_batches_lines_and_keeps_each_decision_in_place() -> None
     # 75 input lines and 25 output lines: ceil(75/16) + ceil(25/16) guard calls, not 100.
     assert profanity.calls == 5 + 2
     assert 1 < profanity.most_in_flight <= dry_run.EVAL_CONCURRENCY
+
+
+async def test_dry_runs_log_skipped_guards_at_debug_only() -> None:
+    from structlog.testing import capture_logs
+
+    policy = load_policy(POLICY)
+    guards = build_guards(device="cpu")  # no weights: the optional weight guards are skipped
+    with capture_logs() as logs:
+        for _ in range(3):
+            result = await dry_run.dry_run(policy, guards, "hello", answer="hi")
+        await dry_run.predictions(policy, guards, _lines(3), {})
+    assert result["skipped_guards"], "the policy skips no guard here: nothing is tested"
+    skipped = [e for e in logs if e["event"] == "optional_guards_skipped"]
+    assert skipped and {e["log_level"] for e in skipped} == {"debug"}
+    with capture_logs() as logs:
+        GuardPipeline(policy, guards)  # the request path's pipelines still say it at info
+    assert {e["log_level"] for e in logs if e["event"] == "optional_guards_skipped"} == {"info"}
