@@ -81,14 +81,7 @@ def _decision_json(decision: Decision) -> dict[str, Any]:
         "blocked": decision.blocked,
         "hits": decision.hits,
         "reasons": decision.reasons,
-        "decided_by": sorted(
-            {
-                g
-                for c, a in decision.hits.items()
-                if a == "block"
-                for g in decision.sources.get(c, [])
-            }
-        ),
+        "decided_by": decision.deciders(),  # the audit log's rule (failures that blocked too)
         "guard_errors": decision.errors,
         "skipped_guards": decision.skipped,
     }

@@ -87,3 +87,18 @@ async def test_dry_runs_log_skipped_guards_at_debug_only() -> None:
     with capture_logs() as logs:
         GuardPipeline(policy, guards)  # the request path's pipelines still say it at info
     assert {e["log_level"] for e in logs if e["event"] == "optional_guards_skipped"} == {"info"}
+
+
+async def test_dry_run_decided_by_names_a_guard_whose_failure_blocked() -> None:
+    from guards.policy import parse_policy
+
+    # llama_guard is required here but has no weights: it fails, and the policy blocks.
+    policy = parse_policy(
+        "name: fails-closed\nversion: '1'\nguards:\n"
+        "  blocklist: {stages: [input]}\n"
+        "  llama_guard: {stages: [input], on_error: block}\n"
+    )
+    result = await dry_run.dry_run(policy, build_guards(device="cpu"), "hello")
+    assert result["response"]["status"] == 400
+    assert "llama_guard" in result["input"]["guard_errors"]
+    assert result["input"]["decided_by"] == ["llama_guard"]  # as the audit log says
