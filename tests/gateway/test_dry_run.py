@@ -73,6 +73,20 @@ async def test_evaluate_batches_lines_and_keeps_each_decision_in_place() -> None
 
 
 async def test_dry_runs_log_skipped_guards_at_debug_only() -> None:
+    import logging
+
+    import structlog
+
+    # Debug lines must reach the capture whatever logging level an earlier test configured.
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        await _check_dry_run_logs()
+    finally:
+        structlog.configure(**saved)
+
+
+async def _check_dry_run_logs() -> None:
     from structlog.testing import capture_logs
 
     policy = load_policy(POLICY)
