@@ -145,7 +145,11 @@ class PolicyStore:
         seen = set(files)
         # Removals first: a removed file keeps serving its last good policy (until another file
         # takes the name, as in a rename) and is reported.
-        for path, entry in self._entries.items():
+        for path, entry in list(self._entries.items()):
+            if path not in seen and entry.policy is None:
+                # Gone before it ever loaded (e.g. renamed while being read): nothing to keep.
+                del self._entries[path]
+                continue
             if path not in seen and entry.digest is not None:
                 entry.digest = None
                 self._fail(entry, f"{path}: the file was removed; keeping the last good version")
