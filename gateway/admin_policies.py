@@ -27,9 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from gateway import dry_run, policy_files
 from gateway.admin import require_admin
 from gateway.errors import GatewayError, InvalidRequest, NotFound
-from gateway.images import ImageLimits, ImageLoader
+from gateway.images import ImageLoader
 from gateway.moderation import GuardServices
-from gateway.settings import PROJECT_ROOT, Settings
+from gateway.settings import PROJECT_ROOT
 from guards.policy import Policy
 from guards.policy_store import PolicyNotFound
 
@@ -208,15 +208,12 @@ async def dry_run_endpoint(request: Request) -> JSONResponse:
         raise NotFound(f"No policy named '{body.policy}' is loaded.", param="policy")
     image = None
     if body.image:
-        settings: Settings = request.app.state.settings
-        loader = ImageLoader(ImageLimits.from_settings(settings))
+        loader: ImageLoader = request.app.state.images  # the app's (its limits, one client)
         try:
             image = await loader.load(body.image)
         except GatewayError as exc:
             exc.param = "image"
             raise
-        finally:
-            await loader.aclose()
     run = dry_run.dry_run
     if draft is None:
         assert saved is not None
@@ -238,14 +235,14 @@ async def evaluate(request: Request) -> JSONResponse:
     if body.jsonl is not None:
         text = body.jsonl
     elif body.dataset is not None:
-        path = DATASETS_DIR / body.dataset
-        if "/" in body.dataset or not path.is_file():
+        path = (DATASETS_DIR / body.dataset).resolve()
+        if not path.is_relative_to(DATASETS_DIR.resolve()) or not path.is_file():
             raise NotFound(f"No shipped data set '{body.dataset}'.", param="dataset")
-        text = path.read_text(encoding="utf-8")
+        text = await asyncio.to_thread(path.read_text, encoding="utf-8")
     else:
         raise InvalidRequest("Send 'jsonl' (the labelled lines) or 'dataset' (a shipped one).")
     try:
-        lines = dry_run.parse_jsonl(text)
+        lines = await asyncio.to_thread(dry_run.parse_jsonl, text)
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="jsonl") from None
     if not lines or len(lines) > MAX_EVAL_LINES:
@@ -257,5 +254,7 @@ async def evaluate(request: Request) -> JSONResponse:
         if name is not None and (draft is None or name in guards.store)
         else None
     )
-    result = await dry_run.evaluate(saved, draft, guards.guards, lines, DATASETS_DIR)
+    loader: ImageLoader = request.app.state.images
+    images = await dry_run.load_images(lines, loader, DATASETS_DIR)
+    result = await dry_run.evaluate(saved, draft, guards.guards, lines, images)
     return JSONResponse(result)

@@ -179,7 +179,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         if state.audit is not None:
             state.audit.start()
         await router.start()
-        images = ImageLoader(ImageLimits.from_settings(settings))
+        state.images = images = ImageLoader(ImageLimits.from_settings(settings))
         first = router.routes[0].engine.info
         digest = hashlib.sha256(
             f"{first.model_id}|{first.dtype}|{transformers.__version__}".encode()

@@ -22,7 +22,7 @@ import json
 import re
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -38,10 +38,20 @@ from guards.policy import Policy
 
 log = structlog.get_logger(__name__)
 
-_API_KEY_RE = re.compile(r"sk-[A-Za-z0-9_\-]{8,}")
+# Anything shaped like an API key: the character set gateway.keys accepts (any printable ASCII).
+_API_KEY_RE = re.compile(r"sk-[!-~]{8,}")
+# Masked before the sample is cut (so a key at the cut is masked whole): this much past it.
+_KEY_MAX_LEN = 256
 # A page of `query` reads at most this many stream entries looking for matches.
 _SCAN_LIMIT = 5000
 _READ_CHUNK = 200
+# `summary` reads at most this many entries of its window (newest first), then says truncated.
+SUMMARY_MAX_ENTRIES = 20_000
+
+
+# The judged text for a content sample: a string, or a zero-argument callable that builds it
+# (called only when the policy keeps a sample, so that no text is built for nothing).
+AuditText = str | Callable[[], str] | None
 
 
 @dataclass(frozen=True)
@@ -85,7 +95,7 @@ def audit_entry(
     decision: Decision,
     policy: Policy,
     context: AuditContext | None,
-    text: str | None = None,
+    text: AuditText = None,
     *,
     now: float | None = None,
 ) -> dict[str, Any]:
@@ -115,7 +125,10 @@ def audit_entry(
         "guard_errors": dict(decision.errors),
     }
     if policy.audit.include_content and text is not None:
-        entry["content"] = _API_KEY_RE.sub("sk-***", text[: policy.audit.max_chars])
+        if callable(text):
+            text = text()
+        cap = policy.audit.max_chars
+        entry["content"] = _API_KEY_RE.sub("sk-***", text[: cap + _KEY_MAX_LEN])[:cap]
     return entry
 
 
@@ -153,6 +166,8 @@ class AuditLog:
         queue_size: int = 10_000,
         batch_size: int = 256,
         retry_pause_s: float = 0.5,
+        drop_log_interval_s: float = 10.0,
+        summary_max_entries: int = SUMMARY_MAX_ENTRIES,
     ) -> None:
         self.client = client
         self.stream_key = stream_key
@@ -167,6 +182,12 @@ class AuditLog:
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        # Drops are all counted (the metric) but logged at most once per interval, with the
+        # count since the last line: an outage must not turn every request into a log line.
+        self.drop_log_interval_s = drop_log_interval_s
+        self.summary_max_entries = summary_max_entries
+        self._unlogged_drops: dict[str, int] = {}
+        self._last_drop_log = -float("inf")
         self.owns_client = False  # a client of its own (GATEWAY_AUDIT_REDIS_URL): closed on stop
 
     @classmethod
@@ -197,22 +218,37 @@ class AuditLog:
         decision: Decision,
         policy: Policy,
         context: AuditContext | None,
-        text: str | None = None,
+        text: AuditText = None,
     ) -> None:
         """Queue one decision (if it did something). Never raises, never waits."""
         try:
             if not should_audit(decision):
                 return
             if len(self._queue) >= self._queue_size:
-                self.metrics.dropped.labels("queue_full").inc()
-                log.warning("audit_dropped", reason="queue_full")
+                self._dropped("queue_full", 1)
                 return
             self._queue.append(json.dumps(audit_entry(decision, policy, context, text)))
             self._idle.clear()
             self._wake.set()
         except Exception as exc:  # the audit log must never fail a request
-            self.metrics.dropped.labels("error").inc()
-            log.warning("audit_record_failed", error=str(exc))
+            self._dropped("error", 1, str(exc))
+
+    def _dropped(self, reason: str, count: int, error: str | None = None) -> None:
+        """Count lost entries; log them (with the counts since the last line) at most once per
+        `drop_log_interval_s`."""
+        self.metrics.dropped.labels(reason).inc(count)
+        self._unlogged_drops[reason] = self._unlogged_drops.get(reason, 0) + count
+        now = time.monotonic()
+        if now - self._last_drop_log < self.drop_log_interval_s:
+            return
+        dropped, self._unlogged_drops = self._unlogged_drops, {}
+        self._last_drop_log = now
+        log.warning(
+            "audit_dropped",
+            dropped=dropped,
+            interval_s=self.drop_log_interval_s,
+            last_error=error,
+        )
 
     def start(self) -> None:
         if self._task is None:
@@ -248,10 +284,7 @@ class AuditLog:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.metrics.dropped.labels("redis_error").inc(len(batch))
-                log.warning(
-                    "audit_write_failed", entries=len(batch), error=str(exc) or type(exc).__name__
-                )
+                self._dropped("redis_error", len(batch), str(exc) or type(exc).__name__)
                 # A Redis that is down refuses at once: do not retry in a tight loop (entries
                 # queue meanwhile, and beyond the bound are dropped and counted).
                 await asyncio.sleep(self.retry_pause_s)
@@ -295,28 +328,47 @@ class AuditLog:
         return out, last_id
 
     async def summary(self, where: AuditFilter) -> dict[str, Any]:
-        """Counts per category and per action (and per category per time bucket) in a window."""
-        per_category: dict[str, int] = {}
-        per_action: dict[str, int] = {}
-        total = 0
-        cursor: str | None = None
-        entries: list[dict[str, Any]] = []
+        """Counts per category and per action (and per category per time bucket) in a window.
+
+        Reads at most `summary_max_entries` entries (newest first; `truncated` says when the
+        window held more) and decodes them in a worker thread, off the event loop."""
+        high = _id_bound(where.until_ms, "+")
+        low = _id_bound(where.since_ms, "-")
+        rows: list[tuple[Any, Any]] = []
+        truncated = False
         while True:
-            page, cursor = await self.query(where, cursor=cursor, limit=1000)
-            entries.extend(page)
-            if cursor is None or len(entries) >= 50_000:
+            room = self.summary_max_entries - len(rows)
+            if room <= 0:
+                truncated = bool(await self.client.xrevrange(self.stream_key, high, low, count=1))
                 break
-        for entry in entries:
-            total += 1
-            per_action[entry["action"]] = per_action.get(entry["action"], 0) + 1
-            for category in entry.get("categories", {}):
-                per_category[category] = per_category.get(category, 0) + 1
-        return {
-            "total": total,
-            "categories": per_category,
-            "actions": per_action,
-            "buckets": _buckets(entries),
-        }
+            want = min(1000, room)
+            chunk = await self.client.xrevrange(self.stream_key, high, low, count=want) or []
+            rows.extend(chunk)
+            if len(chunk) < want:
+                break
+            high = f"({chunk[-1][0]!s}"
+        summary = await asyncio.to_thread(_summarise, rows, where)
+        return {**summary, "truncated": truncated}
+
+
+def _summarise(rows: list[tuple[Any, Any]], where: AuditFilter) -> dict[str, Any]:
+    per_category: dict[str, int] = {}
+    per_action: dict[str, int] = {}
+    entries: list[dict[str, Any]] = []
+    for raw_id, fields in rows:
+        entry = decode_entry(str(raw_id), fields)
+        if entry is None or not where.matches(entry):
+            continue
+        entries.append(entry)
+        per_action[entry["action"]] = per_action.get(entry["action"], 0) + 1
+        for category in entry.get("categories", {}):
+            per_category[category] = per_category.get(category, 0) + 1
+    return {
+        "total": len(entries),
+        "categories": per_category,
+        "actions": per_action,
+        "buckets": _buckets(entries),
+    }
 
 
 def _buckets(entries: list[dict[str, Any]], count: int = 24) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ window (default: the last hour), with per-category counts in time buckets for a 
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from datetime import datetime
@@ -25,6 +26,8 @@ from gateway.errors import InvalidRequest, ServiceUnavailable
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
 _CURSOR_RE = re.compile(r"^\d{1,20}-\d{1,20}$")
+# A stream id's time part: milliseconds from 0 to below 2^63 (Redis refuses anything else).
+_MS_LIMIT = 2**63
 
 
 def audit_log(request: Request) -> AuditLog:
@@ -42,9 +45,11 @@ def parse_time_ms(value: str | None, param: str) -> int | None:
         return None
     text = value.strip()
     try:
-        return int(float(text) * 1000)
+        seconds: float | None = float(text)
     except ValueError:
-        pass
+        seconds = None
+    if seconds is not None:
+        return _checked_ms(seconds * 1000, param)
     if text[-1:] in ("Z", "z"):
         text = text[:-1] + "+00:00"
     try:
@@ -57,7 +62,18 @@ def parse_time_ms(value: str | None, param: str) -> int | None:
             "'2030-01-01T00:00:00Z' or Unix seconds.",
             param=param,
         )
-    return int(parsed.timestamp() * 1000)
+    return _checked_ms(parsed.timestamp() * 1000, param)
+
+
+def _checked_ms(ms: float, param: str) -> int:
+    """A finite time from the Unix epoch on, that fits a stream id (else 400 naming `param`)."""
+    if not math.isfinite(ms) or not 0 <= ms < _MS_LIMIT:
+        raise InvalidRequest(
+            f"Invalid value for '{param}': the time must be finite, at or after 1970-01-01 "
+            "and before the year 292278994.",
+            param=param,
+        )
+    return int(ms)
 
 
 def audit_filter(params: dict[str, str], *, default_window_s: float | None = None) -> AuditFilter:

@@ -259,11 +259,13 @@ class ChatService:
         (decision,) = await chat.pipeline.run("input", [GuardInput("input", chat.turns)])
         chat.input_decision = decision
         log_decision(decision)
-        if decision.blocked or decision.hits or decision.errors:
-            item = GuardInput("input", chat.turns)
-            self._guards.audit_decision(
-                decision, chat.policy, chat.audit_context, item.text_to_check()
-            )
+        # The text is built only if the policy keeps a content sample.
+        self._guards.audit_decision(
+            decision,
+            chat.policy,
+            chat.audit_context,
+            lambda: GuardInput("input", chat.turns).text_to_check(),
+        )
         if decision.blocked:
             raise ContentFiltered(
                 decision.error_body(), headers={"x-policy": policy_header(chat.policy)}

@@ -8,6 +8,7 @@ error) is reported next to the decision. Dry runs count in no production metric.
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,13 +16,15 @@ from typing import Any
 
 from PIL import Image
 
+from gateway.errors import GatewayError, InvalidRequest
+from gateway.images import ImageLoader
 from guards.base import Guard, GuardInput, GuardVerdict, Stage
 from guards.blocklist import BlocklistGuard
 from guards.coverage import stage_coverage
 from guards.decision import Decision
 from guards.pipeline import GuardPipeline
 from guards.policy import Policy
-from guards.policy_cli import Counts, DataError, EvalLine, _guard_input, read_data
+from guards.policy_cli import Counts, DataError, EvalLine, guard_input, read_data
 from model.engine import ChatTurn, ImagePart, TextPart
 
 
@@ -78,14 +81,7 @@ def _decision_json(decision: Decision) -> dict[str, Any]:
         "blocked": decision.blocked,
         "hits": decision.hits,
         "reasons": decision.reasons,
-        "decided_by": sorted(
-            {
-                g
-                for c, a in decision.hits.items()
-                if a == "block"
-                for g in decision.sources.get(c, [])
-            }
-        ),
+        "decided_by": decision.deciders(),  # the audit log's rule (failures that blocked too)
         "guard_errors": decision.errors,
         "skipped_guards": decision.skipped,
     }
@@ -100,7 +96,7 @@ async def dry_run(
 ) -> dict[str, Any]:
     """The would-be API answer and every guard's verdict, for one policy."""
     recorders = bound_guards(policy, guards)
-    pipeline = GuardPipeline(policy, recorders)
+    pipeline = GuardPipeline(policy, recorders, quiet=True)
     parts: tuple[TextPart | ImagePart, ...] = (TextPart(prompt),)
     if image is not None:
         parts = (ImagePart(image), TextPart(prompt))
@@ -182,16 +178,81 @@ def parse_jsonl(text: str) -> list[EvalLine]:
             raise ValueError(str(exc).replace(str(path), "line")) from None
 
 
-async def predictions(
-    policy: Policy, guards: Mapping[str, Guard], lines: Sequence[EvalLine], base: Path
-) -> list[tuple[set[str], bool]]:
-    """Per line: the categories that hit, and whether it was blocked."""
-    pipeline = GuardPipeline(policy, bound_guards(policy, guards))
-    out: list[tuple[set[str], bool]] = []
+async def load_images(
+    lines: Sequence[EvalLine], loader: ImageLoader, datasets_dir: Path
+) -> dict[int, Image.Image]:
+    """The images of uploaded lines, by line number. An upload may name only a `data:` image
+    (through the app's image limits) or a file inside the shipped data sets' folder: never any
+    other path on the server. A bad image is a 400 naming its line."""
+    root = datasets_dir.resolve()
+    images: dict[int, Image.Image] = {}
     for line in lines:
-        (decision,) = await pipeline.run(line.stage, [_guard_input(line, base)])
-        out.append((set(decision.hits), decision.blocked))
-    return out
+        ref = line.image
+        if ref is None or ref == "":
+            continue
+        if not isinstance(ref, str):
+            raise InvalidRequest(f"line {line.line}: 'image' must be a string.", param="jsonl")
+        try:
+            if ref[:5].lower() == "data:":
+                images[line.line] = await loader.load(ref)
+                continue
+            data = await asyncio.to_thread(_shipped_file, root, ref)
+            if data is None:
+                raise InvalidRequest(
+                    f"line {line.line}: 'image' must be a data: URL or the name of an image "
+                    "shipped with the data sets.",
+                    param="jsonl",
+                )
+            images[line.line] = await loader.decode(data)
+        except GatewayError as exc:
+            raise InvalidRequest(
+                f"line {line.line}: image: {exc.message}", param="jsonl", code=exc.code
+            ) from None
+    return images
+
+
+def _shipped_file(root: Path, ref: str) -> bytes | None:
+    """The bytes of `ref` when it is a file under `root` (None for anything else)."""
+    try:
+        path = (root / ref).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            return None
+        return path.read_bytes()
+    except (OSError, ValueError):
+        return None
+
+
+# Evaluate runs its lines through the production guard objects: in batches (one guard call
+# per batch), a few batches at a time, so that a 2,000-line upload neither queues line by line
+# nor floods the guards' batchers ahead of live traffic.
+EVAL_BATCH = 16
+EVAL_CONCURRENCY = 2
+
+
+async def predictions(
+    policy: Policy,
+    guards: Mapping[str, Guard],
+    lines: Sequence[EvalLine],
+    images: Mapping[int, Image.Image],
+) -> list[tuple[set[str], bool]]:
+    """Per line (in order): the categories that hit, and whether it was blocked."""
+    pipeline = GuardPipeline(policy, bound_guards(policy, guards), quiet=True)
+    out: list[tuple[set[str], bool] | None] = [None] * len(lines)
+    batches: list[list[int]] = []
+    for stage in ("input", "output"):
+        indexes = [i for i, line in enumerate(lines) if line.stage == stage]
+        batches += [indexes[k : k + EVAL_BATCH] for k in range(0, len(indexes), EVAL_BATCH)]
+    slots = asyncio.Semaphore(EVAL_CONCURRENCY)
+
+    async def run(batch: list[int]) -> None:
+        items = [guard_input(lines[i], images.get(lines[i].line)) for i in batch]
+        async with slots:
+            decisions = await pipeline.run(lines[batch[0]].stage, items)
+        for i, decision in zip(batch, decisions, strict=True):
+            out[i] = (set(decision.hits), decision.blocked)
+
+    await asyncio.gather(*(run(b) for b in batches))
+    return [p for p in out if p is not None]
 
 
 def scores(lines: Sequence[EvalLine], predicted: Sequence[tuple[set[str], bool]]) -> dict[str, Any]:
@@ -224,7 +285,7 @@ async def evaluate(
     draft: Policy | None,
     guards: Mapping[str, Guard],
     lines: Sequence[EvalLine],
-    base: Path,
+    images: Mapping[int, Image.Image],
 ) -> dict[str, Any]:
     """Both policies side by side over the lines, and the lines whose decision changed."""
     result: dict[str, Any] = {"lines": len(lines)}
@@ -232,7 +293,7 @@ async def evaluate(
     for label, policy in (("saved", saved), ("draft", draft)):
         if policy is None:
             continue
-        runs[label] = await predictions(policy, guards, lines, base)
+        runs[label] = await predictions(policy, guards, lines, images)
         result[label] = {
             "policy": policy.name,
             "version": policy.version,

@@ -208,6 +208,12 @@ class ImageLoader:
             hint = f" (the server sent Content-Type {content_type!r})" if content_type else ""
         return await asyncio.to_thread(decode_image, data, self._limits.max_pixels, hint)
 
+    async def decode(self, data: bytes) -> Image.Image:
+        """Bytes already at hand (e.g. a file the server ships) under the same caps as a URL."""
+        if len(data) > self._limits.max_bytes:
+            raise _refuse(self._too_many_bytes(), "image_too_large")
+        return await asyncio.to_thread(decode_image, data, self._limits.max_pixels)
+
     def _decode_data_url(self, url: str) -> bytes:
         """Strictly decode a base64 data URL of an allowed image type, within the byte cap."""
         header, comma, payload = url[5:].partition(",")

@@ -25,6 +25,7 @@ def _route_label(path: str) -> str:
     # Bounded label values: never the raw path (ids would explode the metric's cardinality).
     for prefix in (
         "/v1/chat/completions",
+        "/v1/moderations",
         "/v1/models",
         "/admin/keys",
         "/admin/policies",

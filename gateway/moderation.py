@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry
 
-from gateway.audit import AuditContext, AuditLog
+from gateway.audit import AuditContext, AuditLog, AuditText
 from gateway.errors import ServiceUnavailable
 from gateway.settings import Settings
 from guards.base import Guard
@@ -127,9 +127,10 @@ class GuardServices:
         decision: Decision,
         policy: Policy,
         context: AuditContext | None,
-        text: str | None = None,
+        text: AuditText = None,
     ) -> None:
-        """Queue a decision for the audit log (nothing happens on the request path)."""
+        """Queue a decision for the audit log (nothing happens on the request path). `text`
+        may be a zero-argument callable: it is called only when the policy keeps a sample."""
         if self.audit is not None:
             self.audit.record(decision, policy, context, text)
 

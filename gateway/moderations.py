@@ -224,7 +224,7 @@ class ModerationService:
         for turn, item, decision in zip(turns, items, decisions, strict=True):
             log_decision(decision, endpoint="moderations")
             # The same audit trail as chat: what a policy flagged here is a decision too.
-            self._guards.audit_decision(decision, policy, audit, item.text_to_check())
+            self._guards.audit_decision(decision, policy, audit, item.text_to_check)
             has_text = any(isinstance(p, TextPart) for p in turn.parts)
             results.append(moderation_result(policy, decision, has_text=has_text))
         return results

@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from gateway.audit import should_audit
 from gateway.chat import ChatService, PreparedChat, checked_finish, usage_body
 from gateway.errors import GatewayError, as_gateway_error
 from gateway.logprob_stream import HeldLogprobs
@@ -58,17 +59,24 @@ class ChoiceStream:
         self.results = safe  # the results of the last check (safe until the first one)
         self.deltas = 0
         self.open = True
-        audited: dict[str, str] = {}
+        # The last audited (hits, failed guards): a failure's message may vary between checks.
+        audited: list[tuple[dict[str, str], frozenset[str]]] = []
         self.logprobs = HeldLogprobs()
         self.tools = ToolCallStream(chat.request)
 
         async def check(text: str) -> Decision:
             item = GuardInput("output", chat.turns, completion=text)
             (decision,) = await chat.pipeline.run("output", [item])
-            # The text is re-checked as it grows: audit a decision once, not at every check.
-            if audit is not None and (decision.blocked or decision.hits != audited):
-                audited.clear()
-                audited.update(decision.hits)
+            # A stream is checked piece by piece, then whole at the end: audit each distinct
+            # outcome once, not at every check (the non-streamed path's rule: blocked,
+            # annotated or a guard failed).
+            seen = (dict(decision.hits), frozenset(decision.errors))
+            if (
+                audit is not None
+                and should_audit(decision)
+                and (decision.blocked or audited[-1:] != [seen])
+            ):
+                audited[:] = [seen]
                 audit(decision, text)
             return decision
 

@@ -119,7 +119,10 @@ class GuardPipeline:
         policy: Policy,
         guards: Mapping[str, Guard],
         metrics: CollectorRegistry | GuardMetrics | None = None,
+        *,
+        quiet: bool = False,
     ) -> None:
+        """`quiet`: a throwaway pipeline (a dry run) logs what it skips at debug, not info."""
         self.policy = policy
         self.metrics = GuardMetrics.on(metrics)
         self._plans: dict[Stage, list[_Planned]] = {}
@@ -156,7 +159,7 @@ class GuardPipeline:
                 self._unguarded[stage] = (decision, child)
         for stage, names in self._skipped.items():
             if names:
-                log.info(
+                (log.debug if quiet else log.info)(
                     "optional_guards_skipped",
                     policy=policy.name,
                     stage=stage,

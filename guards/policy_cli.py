@@ -149,6 +149,9 @@ def read_data(path: Path, default_stage: Stage) -> list[EvalLine]:
         stage = obj.get("stage", default_stage)
         if stage not in ("input", "output"):
             raise DataError(f"{path}:{number}: stage must be input or output")
+        for name in ("image", "prompt"):
+            if obj.get(name) is not None and not isinstance(obj[name], str):
+                raise DataError(f"{path}:{number}: '{name}' must be a string")
         role = obj.get("role", "user")
         if role not in ("user", "system", "assistant"):
             raise DataError(f"{path}:{number}: role must be user, system or assistant")
@@ -176,9 +179,15 @@ def _load_image(ref: str, base: Path) -> Any:
 
 
 def _guard_input(line: EvalLine, base: Path) -> GuardInput:
+    """For the CLI: an `image` is a data: URL or a path relative to the data file's folder."""
+    return guard_input(line, _load_image(line.image, base) if line.image else None)
+
+
+def guard_input(line: EvalLine, image: Any | None) -> GuardInput:
+    """The guards' input for one labelled line, with its image already loaded (or None)."""
     parts: list[TextPart | ImagePart] = []
-    if line.image:
-        parts.append(ImagePart(_load_image(line.image, base)))
+    if image is not None:
+        parts.append(ImagePart(image))
     if line.stage == "output":
         messages = (ChatTurn("user", (*parts, TextPart(line.prompt or ""))),)
         return GuardInput(stage="output", messages=messages, completion=line.text)

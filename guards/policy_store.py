@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -65,6 +66,9 @@ class PolicyStore:
         self._entries: dict[Path, _Entry] = {}
         self._by_name: dict[str, Policy] = {}
         self._task: asyncio.Task[None] | None = None
+        # `load` runs in worker threads (the watcher, and an admin save reloading at once):
+        # one at a time, since each mutates `_entries`.
+        self._load_lock = threading.Lock()
         self.directory_error: str | None = None
 
     # -- reading ---------------------------------------------------------------------------
@@ -121,7 +125,11 @@ class PolicyStore:
 
     def load(self) -> list[str]:
         """Load or reload what changed; returns the names of policies (re)loaded. Never raises
-        for a bad file (the error is recorded)."""
+        for a bad file (the error is recorded). Thread-safe: concurrent calls run one by one."""
+        with self._load_lock:
+            return self._load()
+
+    def _load(self) -> list[str]:
         if not self.directory.is_dir():
             self.directory_error = f"{self.directory} is not a directory"
             log.error("policy_dir_missing", directory=str(self.directory))
@@ -137,7 +145,11 @@ class PolicyStore:
         seen = set(files)
         # Removals first: a removed file keeps serving its last good policy (until another file
         # takes the name, as in a rename) and is reported.
-        for path, entry in self._entries.items():
+        for path, entry in list(self._entries.items()):
+            if path not in seen and entry.policy is None:
+                # Gone before it ever loaded (e.g. renamed while being read): nothing to keep.
+                del self._entries[path]
+                continue
             if path not in seen and entry.digest is not None:
                 entry.digest = None
                 self._fail(entry, f"{path}: the file was removed; keeping the last good version")

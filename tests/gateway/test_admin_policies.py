@@ -307,3 +307,55 @@ def test_concurrent_saves_with_one_etag_one_wins(server: str, policy_dir: Path) 
     winner = source(server, "audit")
     assert winner["version"].startswith("c")
     assert f'version: "{winner["version"]}"' in (policy_dir / "audit.yaml").read_text()
+
+
+def _png_data_url(size: tuple[int, int] = (8, 8)) -> str:
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", size, "red").save(png, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+
+
+def test_evaluate_upload_cannot_open_server_files(server: str, tmp_path: Path) -> None:
+    import json
+
+    outside = tmp_path / "secret.png"
+    from PIL import Image
+
+    Image.new("RGB", (4, 4), "green").save(outside)
+    refs: list[Any] = [
+        str(outside),  # an absolute path to a real image
+        "../../pyproject.toml",  # escapes the data sets' folder
+        "../guard_eval/../../../policies/default.yaml",
+        "/etc/passwd",
+        "no-such-file.png",
+        5,  # not a string
+    ]
+    messages = set()
+    for ref in refs:
+        jsonl = (
+            '{"text": "fine", "expected": []}\n'
+            + json.dumps({"text": "look", "expected": [], "image": ref})
+            + "\n"
+        )
+        resp = post(server, "/admin/policies/evaluate", {"policy": "default", "jsonl": jsonl})
+        assert resp.status_code == 400, (ref, resp.text)
+        error = resp.json()["error"]
+        assert error["param"] == "jsonl"
+        assert "line 2" in error["message"] or "line:2" in error["message"], error
+        messages.add(error["message"])
+    # Whether a path exists on the server is not revealed: every path gets the same answer.
+    assert len([m for m in messages if "shipped" in m]) == 1
+    # A data: image goes through the app's image limits (pixels here) and names its line.
+    huge = json.dumps({"text": "x", "expected": [], "image": _png_data_url((8000, 8000))})
+    resp = post(server, "/admin/policies/evaluate", {"policy": "default", "jsonl": huge + "\n"})
+    assert resp.status_code == 400 and "line 1" in resp.json()["error"]["message"], resp.text
+    broken = json.dumps({"text": "x", "expected": [], "image": "data:image/png;base64,AAAA"})
+    resp = post(server, "/admin/policies/evaluate", {"policy": "default", "jsonl": broken + "\n"})
+    assert resp.status_code == 400 and "line 1" in resp.json()["error"]["message"], resp.text
+    ok = json.dumps({"text": "what colour", "expected": [], "image": _png_data_url()})
+    resp = post(server, "/admin/policies/evaluate", {"policy": "default", "jsonl": ok + "\n"})
+    assert resp.status_code == 200 and resp.json()["lines"] == 1, resp.text
+    escape = post(server, "/admin/policies/evaluate", {"policy": "default", "dataset": ".."})
+    assert escape.status_code == 404

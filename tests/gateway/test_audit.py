@@ -272,3 +272,93 @@ async def test_a_full_queue_drops_and_counts(client: aioredis.Redis, prefix: str
     await log.stop()
     assert await client.xlen(log.stream_key) == 3
     assert log.metrics.written._value.get() == 3
+
+
+async def test_content_sample_masks_keys_of_any_printable_characters(
+    audit: AuditLog, client: aioredis.Redis
+) -> None:
+    p = policy("audit: {include_content: true, max_chars: 40}")
+    odd_key = "sk-Ab!c$d%e&f*g+h=i~j#k@l^m|n.o,p?q"
+    text = f"the harbour {odd_key} then the key cut by the cap: {SECRET_KEY}"
+    decision = await decide(p, text)
+    audit.record(decision, p, ctx(), text)
+    await audit.flush()
+    (entry,), _ = await audit.query(AuditFilter())
+    assert entry["content"].startswith("the harbour sk-*** then"), entry["content"]
+    stored = json.dumps(entry)
+    for leaked in ("Ab!c", "q?p", "p?q", SECRET_KEY[3:10]):
+        assert leaked not in stored
+
+
+async def test_drops_are_all_counted_but_logged_once_per_interval(
+    client: aioredis.Redis, prefix: str
+) -> None:
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+    from structlog.testing import capture_logs
+
+    registry = CollectorRegistry()
+    # No writer started and room for one entry: every later record is a queue_full drop.
+    log = AuditLog(
+        client, f"{prefix}:audit", registry=registry, queue_size=1, drop_log_interval_s=0.3
+    )
+    p = policy()
+    decision = await decide(p, "GATEWAY-CANARY-BLOCK")
+    with capture_logs() as logs:
+        for _ in range(200):
+            log.record(decision, p, ctx())
+        await asyncio.sleep(0.35)
+        log.record(decision, p, ctx())
+        log.record(decision, p, ctx())
+    dropped = registry.get_sample_value("gateway_audit_dropped_total", {"reason": "queue_full"})
+    assert dropped == 201
+    lines = [e for e in logs if e["event"] == "audit_dropped"]
+    assert [e["dropped"] for e in lines] == [{"queue_full": 1}, {"queue_full": 199}], lines
+
+
+async def test_summary_reads_at_most_its_cap_and_says_truncated(
+    client: aioredis.Redis, prefix: str
+) -> None:
+    log = AuditLog(client, f"{prefix}:audit", summary_max_entries=25)
+    log.start()
+    try:
+        p = policy()
+        blocked = await decide(p, "GATEWAY-CANARY-BLOCK")
+        annotated = await decide(p, "the harbour")
+        for i in range(30):
+            log.record(blocked if i % 3 else annotated, p, ctx())
+        await log.flush()
+        capped = await log.summary(AuditFilter())
+        assert capped["total"] == 25 and capped["truncated"] is True
+        log.summary_max_entries = 1000
+        full = await log.summary(AuditFilter())
+        assert full["total"] == 30 and full["truncated"] is False
+        assert full["actions"] == {"blocked": 20, "annotated": 10}
+        assert full["categories"]["blocklist:canary"] == 20
+        assert sum(sum(b["categories"].values()) for b in full["buckets"]) >= 30
+        only = await log.summary(AuditFilter(action="annotated"))
+        assert only["total"] == 10 and only["actions"] == {"annotated": 10}
+    finally:
+        await log.stop()
+
+
+async def test_text_is_built_only_when_the_policy_keeps_a_sample(audit: AuditLog) -> None:
+    built: list[str] = []
+
+    def text() -> str:
+        built.append("built")
+        return "the harbour at dawn"
+
+    content_free = policy()
+    decision = await decide(content_free, "the harbour")
+    audit.record(decision, content_free, ctx(request_id="req_free"), text)
+    keeps = policy("audit: {include_content: true, max_chars: 60}")
+    decision = await decide(keeps, "the harbour")
+    audit.record(decision, keeps, ctx(request_id="req_keeps"), text)
+    await audit.flush()
+    assert built == ["built"]  # only for the policy that keeps a sample
+    entries, _ = await audit.query(AuditFilter())
+    by_id = {e["request_id"]: e for e in entries}
+    assert "content" not in by_id["req_free"]
+    assert by_id["req_keeps"]["content"] == "the harbour at dawn"

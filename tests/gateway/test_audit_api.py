@@ -35,6 +35,14 @@ custom_blocklists:
   - {name: letters, regexes: ['[a-z]'], stage: output, action: annotate}
 audit: {include_content: true, max_chars: 10}
 """
+# An output guard that always fails (no weights here), under on_error: allow.
+FAILING_OUTPUT = """\
+name: failing-output
+version: "1"
+guards:
+  blocklist: {stages: [input]}
+  llama_guard: {stages: [output], on_error: allow}
+"""
 
 
 def chat(base: str, text: str, request_id: str | None = None) -> httpx.Response:
@@ -50,6 +58,7 @@ def make_server(gateway_settings: Any, tmp: pytest.TempPathFactory, **update: An
     for path in PROJECT_POLICIES.glob("*.yaml"):
         shutil.copy(path, policies / path.name)
     (policies / "watch-output.yaml").write_text(WATCH_OUTPUT)
+    (policies / "failing-output.yaml").write_text(FAILING_OUTPUT)
     settings = gateway_settings.model_copy(
         update={"policy_dir": policies, "state_dir": tmp.mktemp("state"), **update}
     )
@@ -158,12 +167,23 @@ def test_pagination_filters_and_summary(server: str) -> None:
         ({"stage": "middle"}, "stage"),
         ({"limit": "0"}, "limit"),
         ({"cursor": "abc"}, "cursor"),
+        ({"since": "inf"}, "since"),
+        ({"since": "1e400"}, "since"),
+        ({"since": "nan"}, "since"),
+        ({"since": "-5"}, "since"),
+        ({"until": "1e17"}, "until"),
+        ({"until": "-1e30"}, "until"),
+        ({"since": "0001-01-01T00:00:00Z"}, "since"),
     ],
 )
 def test_bad_filters_are_400(server: str, params: dict[str, str], param: str) -> None:
     resp = audit(server, **params)
-    assert resp.status_code == 400
+    assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["param"] == param
+    summary = httpx.get(f"{server}/admin/audit/summary", params=params, headers=ADMIN)
+    if param in ("since", "until"):
+        assert summary.status_code == 400, summary.text
+        assert summary.json()["error"]["param"] == param
 
 
 @pytest.fixture
@@ -235,3 +255,34 @@ def test_streamed_answer_audited_once_with_its_sample(server: str) -> None:
     assert entry["categories"]["blocklist:letters"]["action"] == "annotate"
     assert 0 < len(entry["content"]) <= 10 and entry["content"] in text
     assert key not in json.dumps(entries)
+
+
+def test_streamed_answer_with_a_failing_guard_is_audited_once(server: str) -> None:
+    created = httpx.post(
+        server + "/admin/keys", json={"name": "failing", "policy": "failing-output"}, headers=ADMIN
+    )
+    assert created.status_code == 201, created.text
+    headers = {"Authorization": f"Bearer {created.json()['key']}"}
+    for stream in (False, True):
+        request_id = f"req-failing-guard-{stream}"
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Tell me a long story"}],
+            "max_tokens": 16,
+            "stream": stream,
+        }
+        resp = httpx.post(
+            server + "/v1/chat/completions",
+            json=body,
+            headers={**headers, "x-request-id": request_id},
+            timeout=60,
+        )
+        assert resp.status_code == 200, resp.text
+        entry = wait_for_entry(server, request_id)
+        assert entry["stage"] == "output" and entry["action"] == "annotated"
+        assert "llama_guard" in entry["guard_errors"], entry
+        time.sleep(0.3)
+        entries = [
+            e for e in audit(server, limit=500).json()["data"] if e["request_id"] == request_id
+        ]
+        assert len(entries) == 1, entries  # the same failure at every re-check: audited once

@@ -321,3 +321,23 @@ async def test_start_up_log_names_what_cannot_be_judged(policy_dir: Path) -> Non
         assert "profanity" not in default["categories"]
     finally:
         await store.stop()
+
+
+def test_moderations_has_its_own_route_label_in_metrics(server: LiveServer) -> None:
+    import re
+
+    base = server.base_url
+
+    def count() -> float:
+        text = httpx.get(base + "/metrics").text
+        m = re.search(
+            r'^gateway_requests_total\{route="/v1/moderations",status="200"\} (\S+)$', text, re.M
+        )
+        return float(m.group(1)) if m else 0.0
+
+    before = count()
+    resp = httpx.post(
+        base + "/v1/moderations", json={"input": "a quiet harbour"}, headers=AUTH, timeout=60
+    )
+    assert resp.status_code == 200, resp.text
+    assert count() == before + 1

@@ -132,3 +132,18 @@ def test_eval_runs_prompt_guard_when_its_weights_are_configured(tmp_path: Path) 
     assert "| jailbreak | 0 | 0 | 1 | 0 | 0.00 | n/a | 1.00 |" in out  # its forced false positive
     skipped = [line for line in out.splitlines() if line.startswith("skipped")]
     assert all("prompt_guard" not in line for line in skipped)
+
+
+def test_eval_loads_images_beside_the_data_file(tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "blue.png")
+    data = tmp_path / "img.jsonl"
+    data.write_text('{"text": "What colour?", "expected": [], "image": "blue.png"}\n')
+    result = CliRunner().invoke(policy_app, ["eval", "--policy", "default", "--data", str(data)])
+    assert result.exit_code == 0, result.output
+    assert "policy 'default': 1 lines" in result.stdout
+    data.write_text('{"text": "x", "expected": [], "image": 5}\n')
+    result = CliRunner().invoke(policy_app, ["eval", "--policy", "default", "--data", str(data)])
+    assert result.exit_code == 2
+    assert f"{data}:1: 'image' must be a string" in result.stderr

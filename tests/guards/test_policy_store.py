@@ -169,3 +169,37 @@ def test_a_file_that_crashes_the_parser_is_a_reported_broken_edit(tmp_path: Path
     entry = next(e for e in store.status() if e["name"] == "default")
     assert entry["error"]
     assert entry["version"] == "1"  # the last good one is kept
+
+
+def test_concurrent_loads_with_new_and_renamed_files_never_raise(tmp_path: Path) -> None:
+    """The watcher thread and the admin save both run `load()`: with new files and renames
+    between them, no call may fail (a dict changed size during iteration) or lose a policy."""
+    import threading
+
+    store = PolicyStore(tmp_path, metrics=CollectorRegistry())
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def loader() -> None:
+        while not stop.is_set():
+            try:
+                store.load()
+            except BaseException as exc:  # recorded for the assertion
+                errors.append(exc)
+
+    threads = [threading.Thread(target=loader) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(150):
+            (tmp_path / f"p{i}.yaml").write_text(_text("1", name=f"p{i}"))
+            if i % 3 == 0:
+                (tmp_path / f"p{i}.yaml").rename(tmp_path / f"q{i}.yaml")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+    store.load()
+    assert len(store.names()) == 150
+    assert all(row["error"] is None for row in store.status()), store.status()
