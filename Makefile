@@ -30,7 +30,7 @@ redis:
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy gateway guards model
+	$(BIN)/mypy gateway guards model testkit
 
 test: $(STAMP) redis lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -16,7 +16,7 @@ Side by side, in one process:
 3. `--streams` concurrent streams, one image each, arriving over time: total tok/s and TTFT
    p50/p99, baseline = the current engine (`BatchScheduler`, batches of 8, eager);
 4. numerical check: the fast path's prefill and decode logits vs transformers' eager forward
-   (with the #39379 fix patched in, see `model/fast/reference.py`), and CUDA-graph decode vs
+   (with the #39379 fix patched in, see `testkit/fast_reference.py`), and CUDA-graph decode vs
    eager decode; bf16 tolerance.
 
 Needs transformers >= 5.18 (static cache for Mllama); the current-engine baseline needs 5.24

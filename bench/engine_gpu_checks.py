@@ -33,7 +33,7 @@ def logits_check(
     from model.fast.forward import FastForward, PrefillChunk, make_decode_inputs
     from model.fast.graphs import DecodeGraphs
     from model.fast.kv_cache import CacheGeometry, StaticKVCache
-    from model.fast.reference import transformers_row_mask_fix
+    from testkit.fast_reference import transformers_row_mask_fix
 
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     image = test_image(tiny, seed=99)

@@ -5,13 +5,19 @@
 
 Shapes: Prompt Guard 86M / Llama Prompt Guard 2 86M (mDeBERTa-v3-base: 12 layers, hidden 768,
 vocabulary 251,000) and Llama Prompt Guard 2 22M (DeBERTa-v3-xsmall: 12 layers, hidden 384,
-vocabulary 128,100). The tokenizer is the tests' small Unigram one (`guards.tiny_guard_models`),
+vocabulary 128,100). The tokenizer is the tests' small Unigram one (`testkit.tiny_guard_models`),
 so the texts are sized by their token count, which the table reports; cost follows tokens, not
 characters. Llama Guard is not measured here: a 1B decoder over its ~400-token template is a
 GPU job (bench/engine_gpu.py; FACTS: 14.7 ms on an H200).
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# The repository root: `testkit` (test support, not installed) lives there.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import asyncio
@@ -26,8 +32,8 @@ from transformers import DebertaV2ForSequenceClassification
 
 from guards.base import GuardInput
 from guards.prompt_guard import PromptGuard
-from guards.tiny_guard_models import _build_deberta_tokenizer, _save, prompt_guard_config
 from model.engine import ChatTurn, TextPart
+from testkit.tiny_guard_models import build_deberta_tokenizer, prompt_guard_config, save_tiny_model
 
 SHAPES: dict[str, dict[str, Any]] = {
     "Prompt Guard 86M (mDeBERTa-v3-base)": {
@@ -49,7 +55,7 @@ SENTENCE = "Please translate the following document into French and summarise th
 
 
 def build(out_dir: pathlib.Path, shape: dict[str, Any]) -> pathlib.Path:
-    tokenizer = _build_deberta_tokenizer()
+    tokenizer = build_deberta_tokenizer()
     config = prompt_guard_config(
         tokenizer,
         shape["labels"],
@@ -61,7 +67,7 @@ def build(out_dir: pathlib.Path, shape: dict[str, Any]) -> pathlib.Path:
     )
     torch.manual_seed(0)
     model = DebertaV2ForSequenceClassification(config).float().eval()
-    return _save(out_dir, model, tokenizer)
+    return save_tiny_model(out_dir, model, tokenizer)
 
 
 def prompt_of(guard: PromptGuard, tokens: int) -> tuple[GuardInput, int]:

@@ -13,6 +13,12 @@ tiny Llama Guard 3 (1B template, random weights: ratios only, never absolute fig
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# The repository root: `testkit` (test support, not installed) lives there.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import asyncio
 import pathlib
@@ -25,8 +31,8 @@ from guards.base import GuardInput
 from guards.llama_guard import LlamaGuard
 from guards.pipeline import GuardPipeline
 from guards.policy import parse_policy
-from guards.tiny_guard_models import build_tiny_llama_guard
 from model.engine import ChatTurn, TextPart
+from testkit.tiny_guard_models import build_tiny_llama_guard
 
 POLICY = "version: 1\nguards:\n  llama_guard: {stages: [input]}\n"
 

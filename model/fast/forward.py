@@ -25,7 +25,7 @@ output. We do the same: for such rows the cross-attention layer adds exactly zer
 bit-identical to skipping the layer, which is what transformers itself does for a text-only
 request alone. Consequence: an image request's pre-image tokens differ from transformers'
 `generate()` (the reference tests patch the same fix into transformers:
-`model.fast.reference.transformers_row_mask_fix`).
+`testkit.fast_reference.transformers_row_mask_fix`).
 """
 
 from __future__ import annotations

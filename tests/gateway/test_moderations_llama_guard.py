@@ -19,7 +19,7 @@ from PIL import Image
 from transformers import AutoProcessor, MllamaForConditionalGeneration
 
 from guards.omni_categories import OMNI_CATEGORIES
-from guards.tiny_guard_models import (
+from testkit.tiny_guard_models import (
     build_tiny_llama_guard_vision,
     llama_guard_chain_ids,
     rig_llama_guard_chain,

@@ -11,13 +11,13 @@ from PIL import Image
 
 from guards.base import Guard, GuardInput
 from guards.llama_guard import LlamaGuard
-from guards.tiny_guard_models import (
+from model.engine import ChatTurn, ImagePart, TextPart
+from testkit.tiny_guard_models import (
     build_tiny_llama_guard,
     build_tiny_llama_guard_vision,
     llama_guard_chain_ids,
     rig_llama_guard_chain,
 )
-from model.engine import ChatTurn, ImagePart, TextPart
 
 S1_S13 = tuple(f"S{i}" for i in range(1, 14))
 

@@ -8,13 +8,13 @@ import pytest
 
 from guards.base import GuardInput
 from guards.llama_guard import LlamaGuard
-from guards.tiny_guard_models import (
+from model.engine import ChatTurn, TextPart
+from testkit.tiny_guard_models import (
     build_tiny_llama_guard,
     build_tiny_llama_guard_vision,
     llama_guard_chain_ids,
     rig_llama_guard_chain,
 )
-from model.engine import ChatTurn, TextPart
 
 
 @pytest.fixture(scope="module")

@@ -112,7 +112,7 @@ def test_eval_runs_prompt_guard_when_its_weights_are_configured(tmp_path: Path) 
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from guards.tiny_guard_models import build_tiny_prompt_guard, force_prompt_guard_label
+    from testkit.tiny_guard_models import build_tiny_prompt_guard, force_prompt_guard_label
 
     path = build_tiny_prompt_guard(tmp_path / "pg")
     model = AutoModelForSequenceClassification.from_pretrained(path)

@@ -10,13 +10,13 @@ import pytest
 
 from guards.base import Guard, GuardInput
 from guards.prompt_guard import PromptGuard, label_layout
-from guards.tiny_guard_models import (
+from model.engine import ChatTurn, TextPart
+from testkit.tiny_guard_models import (
     PROMPT_GUARD_TRIGGER,
     build_tiny_prompt_guard,
     force_prompt_guard_label,
     rig_prompt_guard_trigger,
 )
-from model.engine import ChatTurn, TextPart
 
 
 @pytest.fixture(scope="module")

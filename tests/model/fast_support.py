@@ -23,9 +23,9 @@ from model.engine import (
 )
 from model.fast import FastEngineConfig, FastMllamaEngine
 from model.fast.forward import FastForward, PrefillChunk, make_decode_inputs
-from model.fast.reference import transformers_row_mask_fix
 from model.fast.sequence import FastSequence
 from model.prompt import render_prompt
+from testkit.fast_reference import transformers_row_mask_fix
 
 
 class Recorder:

@@ -28,10 +28,10 @@ from model.engine import (
 from model.errors import EngineOverloaded, RequestNeverFits
 from model.fast import FastEngineConfig, FastMllamaEngine
 from model.fast.kv_cache import CacheGeometry, plan_slots
-from model.fast.reference import transformers_row_mask_fix
 from model.fast.sampling import SlotSampler
 from model.prompt import render_prompt
 from model.sampling import TokenSampler
+from testkit.fast_reference import transformers_row_mask_fix
 from tests.model.fast_support import (
     BLUE,
     GREEN,

@@ -13,8 +13,8 @@ from model.engine import (
     TextPart,
 )
 from model.fast.forward import FastForward, PrefillChunk
-from model.fast.reference import transformers_row_mask_fix
 from model.prompt import render_prompt
+from testkit.fast_reference import transformers_row_mask_fix
 from tests.model.fast_support import (
     RED,
     TEXTS,

@@ -189,7 +189,9 @@ def _seeded(model_class: type[_M], config: Any, seed: int) -> _M:
         return model_class(config).float().eval()
 
 
-def _save(out_dir: pathlib.Path, model: PreTrainedModel, preprocessor: Any) -> pathlib.Path:
+def save_tiny_model(
+    out_dir: pathlib.Path, model: PreTrainedModel, preprocessor: Any
+) -> pathlib.Path:
     """Write `model` (safetensors) and its tokenizer or processor to `out_dir`; return it."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -222,7 +224,7 @@ What is the capital of Australia? How do I bake bread at home? Recommend a good 
 )
 
 
-def _build_deberta_tokenizer(vocab_size: int = 1000) -> DebertaV2Tokenizer:
+def build_deberta_tokenizer(vocab_size: int = 1000) -> DebertaV2Tokenizer:
     """A Unigram/Metaspace tokenizer laid out like mDeBERTa's, trained on a small corpus."""
     tok = Tokenizer(models.Unigram())
     # The normaliser and pre-tokeniser DebertaV2Tokenizer itself installs (see its __init__).
@@ -293,12 +295,12 @@ def build_tiny_prompt_guard(
     out_dir: pathlib.Path, *, labels: PromptGuardLabels = "pg1", seed: int = 0
 ) -> pathlib.Path:
     """Write a tiny Prompt Guard (DeBERTa-v2 sequence classifier + tokenizer) to `out_dir`."""
-    tokenizer = _build_deberta_tokenizer()
+    tokenizer = build_deberta_tokenizer()
     if len(tokenizer.tokenize(PROMPT_GUARD_TRIGGER)) != 1:
         raise RuntimeError("the trigger word must be a single token of the tiny vocabulary")
     config = prompt_guard_config(tokenizer, labels, vocab_size=len(tokenizer))
     model = _seeded(DebertaV2ForSequenceClassification, config, seed)
-    return _save(out_dir, model, tokenizer)
+    return save_tiny_model(out_dir, model, tokenizer)
 
 
 # --- Llama Guard (text) ----------------------------------------------------------------------
@@ -405,7 +407,7 @@ def build_tiny_llama_guard(
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=eos, pad_token_id=config.pad_token_id
     )
-    return _save(out_dir, model, tokenizer)
+    return save_tiny_model(out_dir, model, tokenizer)
 
 
 # --- Llama Guard 3 Vision --------------------------------------------------------------------
@@ -432,7 +434,7 @@ def build_tiny_llama_guard_vision(out_dir: pathlib.Path, *, seed: int = 0) -> pa
         eos_token_id=text.eos_token_id,
         pad_token_id=text.pad_token_id,
     )
-    return _save(out_dir, model, processor)
+    return save_tiny_model(out_dir, model, processor)
 
 
 # --- weight setters for tests and benchmarks --------------------------------------------------
