@@ -64,9 +64,9 @@ class ChoiceStream:
         self.logprobs = HeldLogprobs()
         self.tools = ToolCallStream(chat.request)
 
-        async def check(text: str) -> Decision:
+        async def judge(text: str, *, piece: bool) -> Decision:
             item = GuardInput("output", chat.turns, completion=text)
-            (decision,) = await chat.pipeline.run("output", [item])
+            (decision,) = await chat.pipeline.run("output", [item], piece=piece)
             # A stream is checked piece by piece, then whole at the end: audit each distinct
             # outcome once, not at every check (the non-streamed path's rule: blocked,
             # annotated or a guard failed).
@@ -80,8 +80,15 @@ class ChoiceStream:
                 audit(decision, text)
             return decision
 
+        async def check(text: str) -> Decision:
+            return await judge(text, piece=False)
+
+        async def check_piece(text: str) -> Decision:
+            return await judge(text, piece=True)
+
         self.moderator: StreamModerator[Decision] = StreamModerator(
             check=check,
+            check_piece=check_piece,
             is_blocked=lambda decision: decision.blocked,
             window=chat.policy.streaming.window_chars,
             context=stream_context_chars(chat.policy, chat.pipeline.guards_for("output")),

@@ -237,6 +237,9 @@ def _has_image(item: GuardInput) -> bool:
 class LanguageGuard:
     name = "language"
     stages: frozenset[Stage] = frozenset({"input", "output"})
+    # A piece of a streamed answer has no language worth judging apart from the answer: the
+    # stream's final check judges it whole (and the guard's cost does not grow per piece).
+    whole_answer_only = True
 
     def __init__(
         self, detector: LanguageDetector | None = None, rules: LanguageRules | None = None

@@ -193,7 +193,13 @@ class GuardPipeline:
             assume_judged=self._coverage[stage] if self._plans.get(stage) else (),
         )
 
-    async def run(self, stage: Stage, items: Sequence[GuardInput]) -> list[Decision]:
+    async def run(
+        self, stage: Stage, items: Sequence[GuardInput], *, piece: bool = False
+    ) -> list[Decision]:
+        """Decisions for `items`. `piece`: the items are pieces of a streamed answer (with their
+        context), not whole answers; guards whose verdict only means something on a whole
+        answer (`whole_answer_only`, e.g. its language) sit these out and judge the final,
+        whole-answer check."""
         if not items:
             return []
         if any(item.stage != stage for item in items):
@@ -204,8 +210,10 @@ class GuardPipeline:
             counter.inc(len(items))
             return [decision] * len(items)
         plans = self._plans[stage]
+        if piece:
+            plans = [p for p in plans if not getattr(p.guard, "whole_answer_only", False)]
         results = await asyncio.gather(*(self._run_guard(p, stage, items) for p in plans))
-        ran, skipped = self.guards_for(stage), self._skipped[stage]
+        ran, skipped = [p.name for p in plans], self._skipped[stage]
         decisions = []
         for i in range(len(items)):
             verdicts = [per_guard[i] for per_guard in results]

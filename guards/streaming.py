@@ -68,6 +68,8 @@ class StreamModerator(Generic[R]):
     check: Callable[[str], Awaitable[R]]
     is_blocked: Callable[[R], bool]
     window: int = 200
+    # Judges a piece during the stream (default: `check`); `check` judges the whole answer.
+    check_piece: Callable[[str], Awaitable[R]] | None = None
     tail: int | None = None
     context: int | None = None
     step: int | None = None
@@ -148,8 +150,12 @@ class StreamModerator(Generic[R]):
             limit = self.code_hold.plan(self.released, self.held).release_limit
         fresh = self._unchecked > len(self.held) - limit  # new text before any held block
         if final or fresh or self.last_result is None:
-            text = self.released + self.held if final else self._text_to_check(limit)
-            result = await self.check(text)
+            if final:
+                text = self.released + self.held
+                result = await self.check(text)
+            else:
+                text = self._text_to_check(limit)
+                result = await (self.check_piece or self.check)(text)
             self.checks += 1
             self.checked_chars += len(text)
         else:

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from guards.base import GuardInput
+from guards.decision import Decision
 from guards.language import LanguageGuard
 from guards.pipeline import GuardPipeline
 from guards.policy import PolicyError, load_policy, parse_policy
@@ -123,6 +124,44 @@ async def test_output_stage_judges_the_completion(pipeline: GuardPipeline) -> No
     )
     (decision,) = await pipeline.run("output", [item])
     assert decision.blocked
+
+
+async def test_a_streamed_answer_is_judged_whole_at_the_end_not_per_piece(
+    pipeline: GuardPipeline,
+) -> None:
+    """Pieces of a stream sit the language guard out (its cost would grow with every piece);
+    the final whole-answer check judges the language, so the stream still ends blocked."""
+    from guards.streaming import StreamModerator
+
+    prompt = (ChatTurn("user", (TextPart(CARD_LANGUAGES["en"]),)),)
+    calls: list[bool] = []
+
+    async def judge(text: str, *, piece: bool) -> Decision:
+        calls.append(piece)
+        item = GuardInput("output", prompt, completion=text)
+        (decision,) = await pipeline.run("output", [item], piece=piece)
+        assert ("language" in decision.latencies) is not piece
+        return decision
+
+    async def check(text: str) -> Decision:
+        return await judge(text, piece=False)
+
+    async def check_piece(text: str) -> Decision:
+        return await judge(text, piece=True)
+
+    moderator: StreamModerator[Decision] = StreamModerator(
+        check=check, check_piece=check_piece, is_blocked=lambda d: d.blocked, window=64
+    )
+    answer = " ".join([OTHER_LANGUAGES["nl"]] * 4)
+    for start in range(0, len(answer), 7):
+        step = await moderator.feed(answer[start : start + 7])
+        assert not step.blocked  # a piece is never judged for its language
+    final = await moderator.finish()
+    assert final.blocked and calls[-1] is False and calls.count(True) >= 3
+    (piece_decision,) = await pipeline.run(
+        "output", [GuardInput("output", prompt, completion=answer)], piece=True
+    )
+    assert "unsupported_language" not in piece_decision.content_filter_results()
 
 
 async def test_allowed_languages_are_configurable() -> None:
