@@ -33,6 +33,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestContextMiddleware
 from gateway.model_routes import ModelRouter
 from gateway.moderation import GuardServices
+from gateway.openapi import describe_raw_routes
 from gateway.ratelimit import RateLimiter
 from gateway.redis_conn import RedisConnection, RedisMetrics
 from gateway.routes import CHAT_PATH, ChatCompletions, router
@@ -124,6 +125,13 @@ class GatewayApp(FastAPI):
                 await endpoint(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
+
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's document plus the raw chat route, from the model that parses its body
+        (built once, on the first `GET /openapi.json`; the request path never calls this)."""
+        if self.openapi_schema is None:
+            self.openapi_schema = describe_raw_routes(super().openapi(), CHAT_PATH)
+        return self.openapi_schema
 
 
 def demo_banner(settings: Settings, key: str) -> str:
