@@ -9,7 +9,7 @@ import json
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +73,19 @@ def mixed_request(rng: random.Random, images: list[str], *, leave_rate: float = 
     return Planned(body, leaves_early=stream and rng.random() < leave_rate)
 
 
+def light_requests(seed: int = 0) -> Iterator[Planned]:
+    """An endless stream of cheap requests (short prompts, 1-2 tokens, a third streamed)."""
+    rng = random.Random(seed)
+    while True:
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": prompt(rng, rng.randint(1, 80))}],
+            "max_tokens": rng.randint(1, 2),
+            "stream": rng.random() < 0.33,
+        }
+        yield Planned(body)
+
+
 def sample_images(count: int = 4) -> list[str]:
     colors = [(200, 40, 40), (30, 160, 60), (20, 40, 220), (240, 240, 20), (0, 0, 0)]
     return [png_data_url(colors[i % len(colors)]) for i in range(count)]
@@ -133,14 +146,14 @@ async def _read_stream(resp: httpx.Response, leave_early: bool) -> tuple[str | N
 async def run_clients(
     url: str,
     key: str,
-    plans: list[Planned],
+    plans: Iterable[Planned],
     concurrency: int,
     *,
     timeout: float = 120,
     stop: Callable[[], bool] | None = None,
 ) -> list[Outcome]:
     """Send `plans` through `concurrency` clients, each one request at a time (a closed loop),
-    until all are sent or `stop()` says so."""
+    until all are sent or `stop()` says so (then each client finishes its request)."""
     queue = iter(plans)
     outcomes: list[Outcome] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
