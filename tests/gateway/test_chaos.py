@@ -143,12 +143,14 @@ def test_c_paused_redis_fast_503_then_fast_recovery(
 
 
 def lease_timeout_s() -> float:
-    """The lease timeout as configured by default and as documented."""
-    value = float(LimitsSettings.model_fields[LEASE_SETTING].default)
+    """The lease timeout as configured by default (and documented: the next test)."""
+    return float(LimitsSettings.model_fields[LEASE_SETTING].default)
+
+
+def test_lease_timeout_is_documented() -> None:
     variable = "GATEWAY_" + LEASE_SETTING.upper()
     docs = [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
     assert any(variable in path.read_text() for path in docs), f"{variable} is not documented"
-    return value
 
 
 def test_d_dead_replicas_leases_free_in_time_and_retry_after_is_honest(
@@ -156,28 +158,47 @@ def test_d_dead_replicas_leases_free_in_time_and_retry_after_is_honest(
 ) -> None:
     survivor, doomed = replicas
     key = create_key(survivor.url, max_concurrency=2)
-    # Greedy on this prompt runs to max_tokens on the demo model: the streams stay busy.
+    # Greedy on this prompt runs to max_tokens on the demo model: 4 choices of 1,900 tokens
+    # keep a stream busy for far longer than this test needs it (it ends with the kill).
     long = {
         "model": load.MODEL,
         "messages": [{"role": "user", "content": "Long answer please"}],
-        "max_tokens": 1500,
+        "max_tokens": 1900,
+        "n": 4,
         "temperature": 0,
         "stream": True,
     }
-    with httpx.Client(timeout=60) as client, contextlib.ExitStack() as streams:
-        readers = []  # referenced: a collected line iterator would close its stream
-        for _ in range(2):
-            resp = streams.enter_context(
-                client.stream("POST", doomed.url + CHAT, json=long, headers=load.auth(key))
-            )
-            assert resp.status_code == 200
-            readers.append(resp.iter_lines())
-            next(readers[-1])  # generating: the lease is held
-        refused = client.post(survivor.url + CHAT, json=SHORT, headers=load.auth(key))
-        assert refused.status_code == 429, refused.text
+
+    def hold_stream() -> None:
+        """Read the stream until the replica dies."""
+        auth = load.auth(key)
+        with (
+            contextlib.suppress(httpx.HTTPError),
+            httpx.Client(timeout=120) as client,
+            client.stream("POST", doomed.url + CHAT, json=long, headers=auth) as resp,
+        ):
+            for _ in resp.iter_lines():
+                pass
+
+    # Both at once: the batch engine runs one, the other waits for it (each holds its lease
+    # from admission on).
+    holders = [threading.Thread(target=hold_stream, daemon=True) for _ in range(2)]
+    for holder in holders:
+        holder.start()
+    with httpx.Client(timeout=60) as client:
+        deadline = time.monotonic() + 60
+        while True:  # until the survivor sees both slots taken
+            refused = client.post(survivor.url + CHAT, json=SHORT, headers=load.auth(key))
+            if refused.status_code == 429:
+                break
+            assert refused.status_code == 200, refused.text
+            assert time.monotonic() < deadline, "the two streams never held both slots"
+            time.sleep(0.05)
         assert refused.json()["error"]["type"] == "concurrency"
         doomed.kill()
         killed_at = time.monotonic()
+        for holder in holders:
+            holder.join(10)
         lease_s = lease_timeout_s()
         promises: list[tuple[float, float, str]] = []  # (answered + Retry-After, sent, header)
         while True:
