@@ -158,5 +158,6 @@ def test_fuzz_public_api_never_5xx_always_envelope(live_gateway: Any, public_api
         check_response(resp, case)
 
     fuzz()
+    print("fuzz statuses:", dict(sorted(seen.items())))
     # The fuzz reached both sides: answers and refusals (else it tested nothing).
     assert seen.get(200, 0) > 0 and sum(n for s, n in seen.items() if 400 <= s < 500) > 0, seen
