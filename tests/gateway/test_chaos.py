@@ -17,7 +17,6 @@ bootstrap key create them through the admin API.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import secrets
 import threading
@@ -169,16 +168,20 @@ def test_d_dead_replicas_leases_free_in_time_and_retry_after_is_honest(
         "stream": True,
     }
 
+    held: list[str] = []  # how each stream went (to explain a failure)
+
     def hold_stream() -> None:
         """Read the stream until the replica dies."""
         auth = load.auth(key)
-        with (
-            contextlib.suppress(httpx.HTTPError),
-            httpx.Client(timeout=120) as client,
-            client.stream("POST", doomed.url + CHAT, json=long, headers=auth) as resp,
-        ):
-            for _ in resp.iter_lines():
-                pass
+        try:
+            with (
+                httpx.Client(timeout=120) as client,
+                client.stream("POST", doomed.url + CHAT, json=long, headers=auth) as resp,
+            ):
+                lines = [line for line in resp.iter_lines() if line]
+                held.append(f"{resp.status_code}: {lines[-2:]!r:.300}")
+        except httpx.HTTPError as exc:
+            held.append(repr(exc))
 
     # Both at once: the batch engine runs one, the other waits for it (each holds its lease
     # from admission on).
@@ -192,7 +195,9 @@ def test_d_dead_replicas_leases_free_in_time_and_retry_after_is_honest(
             if refused.status_code == 429:
                 break
             assert refused.status_code == 200, refused.text
-            assert time.monotonic() < deadline, "the two streams never held both slots"
+            assert time.monotonic() < deadline, (
+                f"the two streams never held both slots: {held}\n{server_log_hint(doomed)}"
+            )
             time.sleep(0.05)
         assert refused.json()["error"]["type"] == "concurrency"
         doomed.kill()
