@@ -62,10 +62,8 @@ def test_chat_request_body_is_the_real_request_model(document: dict[str, Any]) -
     image = resolve(document, document["components"]["schemas"]["ImageContentPart"])
     assert resolve(document, image["properties"]["image_url"])["required"] == ["url"]
     # Every ref in the document resolves (code generators choke on a dangling one).
-    text = json.dumps(document)
     for name in {r.rsplit("/", 1)[-1] for r in _refs(document)}:
         assert name in document["components"]["schemas"], name
-    assert "HTTPValidationError" not in text or "/admin" in text
 
 
 def test_v1_routes_declare_bearer_auth_and_envelope_errors(document: dict[str, Any]) -> None:
