@@ -38,6 +38,7 @@ from gateway.model_routes import ModelRouter
 from gateway.moderation import GuardServices
 from gateway.moderations import ModerationService
 from gateway.moderations import router as moderations_router
+from gateway.openapi import describe_raw_routes
 from gateway.ratelimit import RateLimiter
 from gateway.redis_conn import RedisConnection, RedisMetrics
 from gateway.routes import CHAT_PATH, ChatCompletions, router
@@ -129,6 +130,13 @@ class GatewayApp(FastAPI):
                 await endpoint(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
+
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's document plus the raw chat route, from the model that parses its body
+        (built once, on the first `GET /openapi.json`; the request path never calls this)."""
+        if self.openapi_schema is None:
+            self.openapi_schema = describe_raw_routes(super().openapi(), CHAT_PATH)
+        return self.openapi_schema
 
 
 def demo_banner(settings: Settings, key: str) -> str:

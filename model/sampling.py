@@ -58,6 +58,8 @@ class TokenSampler:
             cumulative = torch.cumsum(sorted_probs, dim=-1)
             # Keep the smallest set whose mass reaches top_p (the first token always stays).
             drop = (cumulative - sorted_probs) >= top_p
+            # A top_p below float32's smallest value (5e-324) rounds to 0 in the comparison.
+            drop[0] = False
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             choice = torch.multinomial(sorted_probs, 1, generator=self._generator)
             return int(sorted_idx[choice].item())

@@ -101,6 +101,7 @@ class SlotSampler:
         sorted_probs, sorted_idx = torch.sort(probs, dim=-1, descending=True, stable=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)
         drop = (cumulative - sorted_probs) >= top_p
+        drop[:, 0] = False  # the first token always stays (a top_p of 5e-324 is 0 in float32)
         kept = sorted_probs.masked_fill(drop, 0.0)
         cdf = torch.cumsum(kept, dim=-1)
         target = uniform * cdf[:, -1:]

@@ -20,7 +20,7 @@ from guards.pipeline import GuardPipeline
 from guards.policy import Policy, parse_policy
 from model.engine import ChatTurn, TextPart
 from tests.gateway.conftest import requires_redis
-from tests.gateway.test_redis_outage import Server
+from tests.gateway.processes import Server
 
 pytestmark = requires_redis
 

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import AUTH, TEST_ADMIN_TOKEN, LiveServer, wait_until_ready
 from tests.gateway.conftest import requires_redis
-from tests.gateway.test_redis_outage import Server
+from tests.gateway.processes import Server
 
 pytestmark = requires_redis
 

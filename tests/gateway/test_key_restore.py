@@ -28,7 +28,7 @@ from tests.conftest import (
     wait_until_ready,
 )
 from tests.gateway.conftest import SECRET, requires_redis, store_for
-from tests.gateway.test_redis_outage import REDIS_SERVER, Server
+from tests.gateway.processes import REDIS_SERVER, Server
 
 pytestmark = requires_redis
 

@@ -16,7 +16,8 @@ from gateway.errors import RateLimited
 from gateway.ratelimit import RateLimiter
 from gateway.redis_conn import key_name, make_client
 from tests.gateway.conftest import make_key, requires_redis
-from tests.gateway.test_redis_outage import REDIS_SERVER, CountingProxy, Server
+from tests.gateway.processes import REDIS_SERVER, Server
+from tests.gateway.test_redis_outage import CountingProxy
 
 pytestmark = requires_redis
 

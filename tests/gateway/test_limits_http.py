@@ -5,10 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,17 +17,11 @@ from typer.testing import CliRunner
 
 from gateway.cli import cli
 from tests.conftest import REDIS_URL, TEST_ADMIN_TOKEN, LiveServer, wait_until_ready
-from tests.gateway.test_redis_outage import Server
+from tests.gateway.processes import Server, gateway_env, start_replicas
 
 MODEL = "meta-llama/llama-3.2-11b-vision-instruct"
 ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
 LONG_PROMPT = [{"role": "user", "content": "Long answer please"}]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def body(max_tokens: int = 1, **extra: Any) -> dict[str, Any]:
@@ -47,51 +37,25 @@ def body(max_tokens: int = 1, **extra: Any) -> dict[str, Any]:
 def replicas(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
     """Two `gateway serve` processes sharing one Redis (and so one key space)."""
     prefix = f"gwtest-{secrets.token_hex(4)}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update(
-        GATEWAY_MODEL_PATH=str(demo_model_dir),
-        GATEWAY_REDIS_URL=REDIS_URL,
-        GATEWAY_REDIS_KEY_PREFIX=prefix,
-        GATEWAY_ADMIN_TOKEN=TEST_ADMIN_TOKEN,
-        GATEWAY_KEY_SECRET="test-secret-shared-by-replicas",
-        GATEWAY_DEVICE="cpu",
-        GATEWAY_LOG_LEVEL="warning",
+    env = gateway_env(
+        demo_model_dir,
+        REDIS_URL,
+        prefix,
+        ADMIN_TOKEN=TEST_ADMIN_TOKEN,
+        KEY_SECRET="test-secret-shared-by-replicas",
         # 200 concurrent requests on 2 shared cores delay the event loop past the production
         # deadlines (0.1-0.2 s), which would turn into 503s; this test is about exactness.
-        GATEWAY_REDIS_DEADLINE_S="2",
-        GATEWAY_REDIS_SOCKET_TIMEOUT_S="2",
-        GATEWAY_REDIS_CONNECT_TIMEOUT_S="2",
+        REDIS_DEADLINE_S="2",
+        REDIS_SOCKET_TIMEOUT_S="2",
+        REDIS_CONNECT_TIMEOUT_S="2",
     )
-    procs, urls = [], []
-    for _ in range(2):
-        port = free_port()
-        state = tmp_path_factory.mktemp("replica")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)],
-            env={**env, "GATEWAY_STATE_DIR": str(state)},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        procs.append(proc)
-        urls.append(f"http://127.0.0.1:{port}")
+    procs = start_replicas(2, env, tmp_path_factory.mktemp("replicas"))
     try:
-        for url in urls:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, "replica did not become ready"
-                time.sleep(0.1)
         os.environ["_GW_TEST_PREFIX"] = prefix
-        yield urls
+        yield [p.url for p in procs]
     finally:
         for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            proc.wait(30)
+            proc.stop()
 
 
 def create_key(base: str, **fields: Any) -> dict[str, Any]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import torch
 
 from model.engine import SamplingParams
+from model.fast.sampling import SlotSampler
 from model.sampling import TokenSampler
 
 
@@ -35,6 +36,19 @@ def test_top_p_keeps_only_the_nucleus() -> None:
     sampler = TokenSampler(params, vocab_size=3)
     logits = torch.tensor([5.0, 0.0, 0.0])  # p(0) ~ 0.987
     assert {sampler.sample(logits) for _ in range(200)} == {0}
+
+
+def test_a_top_p_too_small_for_float32_keeps_the_top_token() -> None:
+    """5e-324 is a valid top_p (> 0) that float32 rounds to 0: the nucleus is still the top
+    token, never an empty distribution (a 500 found by the OpenAPI fuzz)."""
+    params = SamplingParams(max_tokens=1, temperature=1.0, top_p=5e-324, seed=1)
+    sampler = TokenSampler(params, vocab_size=3)
+    logits = torch.tensor([0.0, 2.0, 1.0])
+    assert {sampler.sample(logits) for _ in range(20)} == {1}
+    slots = SlotSampler(slots=4, vocab_size=3, device=torch.device("cpu"))
+    for slot in range(4):
+        slots.reset(slot, params)
+    assert set(slots.sample(logits[None].expand(4, 3), [0, 1, 2, 3])) == {1}
 
 
 def test_seeded_sampling_is_reproducible() -> None:
