@@ -107,7 +107,7 @@ async def _all(engine: Engine, reqs: list[EngineRequest]) -> list[tuple[str, Fin
 def test_seeded_samples_always_validate(engine: Engine, name: str) -> None:
     # Constrained rows share batches with free rows (every third request is free).
     reqs = [
-        constrained(name, seed, max_tokens=120 if name == "json_object" else 60)
+        constrained(name, seed, max_tokens=400 if name == "json_object" else 60)
         if seed % 3
         else request("Say anything.", rid=f"free-{seed}")
         for seed in range(24)
