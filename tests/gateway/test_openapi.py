@@ -55,7 +55,8 @@ def test_chat_request_body_is_the_real_request_model(document: dict[str, Any]) -
     n = next(s for s in schema["properties"]["n"]["anyOf"] if s.get("type") == "integer")
     assert (n["minimum"], n["maximum"]) == (1, 8)
     message = resolve(document, schema["properties"]["messages"]["items"])
-    assert message["properties"]["role"]["enum"] == ["system", "developer", "user", "assistant", "tool"]
+    roles = ["system", "developer", "user", "assistant", "tool"]
+    assert message["properties"]["role"]["enum"] == roles
     parts = message["properties"]["content"]["anyOf"][1]["items"]["oneOf"]
     part_names = {p["$ref"].rsplit("/", 1)[-1] for p in parts}
     assert part_names == {"TextContentPart", "ImageContentPart"}
