@@ -45,8 +45,21 @@ guards:
 """
 
 
-def chat(base: str, text: str, request_id: str | None = None) -> httpx.Response:
-    headers = {**AUTH, **({"x-request-id": request_id} if request_id else {})}
+# Nothing judges the (random) answer: a clean prompt is allowed whatever the demo model says.
+INPUT_ONLY = """\
+name: input-only
+version: "1"
+guards:
+  blocklist: {stages: [input]}
+custom_blocklists:
+  - {name: canary, terms: [GATEWAY-CANARY-BLOCK], stage: input, action: block}
+"""
+
+
+def chat(
+    base: str, text: str, request_id: str | None = None, auth: dict[str, str] | None = None
+) -> httpx.Response:
+    headers = {**(auth or AUTH), **({"x-request-id": request_id} if request_id else {})}
     body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 4}
     return httpx.post(base + "/v1/chat/completions", json=body, headers=headers, timeout=60)
 
@@ -58,6 +71,7 @@ def make_server(gateway_settings: Any, tmp: pytest.TempPathFactory, **update: An
     for path in PROJECT_POLICIES.glob("*.yaml"):
         shutil.copy(path, policies / path.name)
     (policies / "watch-output.yaml").write_text(WATCH_OUTPUT)
+    (policies / "input-only.yaml").write_text(INPUT_ONLY)
     (policies / "failing-output.yaml").write_text(FAILING_OUTPUT)
     settings = gateway_settings.model_copy(
         update={"policy_dir": policies, "state_dir": tmp.mktemp("state"), **update}
@@ -123,7 +137,16 @@ def test_flagged_moderation_is_audited_with_its_endpoint(server: str) -> None:
 
 
 def test_allowed_request_leaves_no_entry(server: str) -> None:
-    resp = chat(server, "What is the capital of Australia?", request_id="req-audit-clean-1")
+    # A key on a policy without output guards: the demo model's random answer could otherwise
+    # be annotated (profanity), which is audited.
+    created = httpx.post(
+        server + "/admin/keys", json={"name": "clean", "policy": "input-only"}, headers=ADMIN
+    )
+    assert created.status_code == 201, created.text
+    auth = {"Authorization": f"Bearer {created.json()['key']}"}
+    resp = chat(
+        server, "What is the capital of Australia?", request_id="req-audit-clean-1", auth=auth
+    )
     assert resp.status_code == 200
     time.sleep(0.3)
     ids = [e["request_id"] for e in audit(server, limit=500).json()["data"]]
