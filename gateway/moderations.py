@@ -40,6 +40,7 @@ from gateway.image_tokens import ImageTokenCounter
 from gateway.images import ImageLoader
 from gateway.keys import ApiKey
 from gateway.moderation import GuardServices, policy_header
+from gateway.ratelimit import settle_in_background
 from gateway.settings import Settings
 from guards.base import GuardInput
 from guards.omni_categories import moderation_result
@@ -211,8 +212,16 @@ class ModerationService:
             chars = sum(len(p.text) for t in turns for p in t.parts if isinstance(p, TextPart))
             return -(-chars // 4) + image_tokens
         probes = [EngineRequest("moderation", (t,), SamplingParams(max_tokens=1)) for t in turns]
-        text = await asyncio.to_thread(lambda: sum(engine.count_prompt_tokens(p) for p in probes))
-        return int(text) - len(images) + image_tokens  # an image's placeholder -> its tokens
+
+        def count() -> int:
+            return sum(engine.count_prompt_tokens(p) for p in probes)
+
+        # As chat does: a cheap count inline, a real tokenizer off the event loop.
+        cheap = getattr(engine, "cheap_token_count", False)
+        text = count() if cheap else await asyncio.to_thread(count)
+        if engine.info.image_placeholder_usage:  # each image's placeholder -> its tokens
+            text -= len(images)
+        return text + image_tokens
 
     async def moderate(
         self, policy: Policy, turns: list[ChatTurn], audit: AuditContext | None = None
@@ -261,10 +270,7 @@ async def create_moderation(request: Request) -> JSONResponse:
         exc.headers = {**headers, **exc.headers}
         raise
     finally:
-        # Its own task: it must run even when this one is cancelled (client gone).
-        task = asyncio.get_running_loop().create_task(limiter.settle(adm, tokens))
-        state.background.add(task)
-        task.add_done_callback(state.background.discard)
+        settle_in_background(state.background, limiter, adm, tokens)
     body_out = {
         "id": f"modr-{secrets.token_hex(16)}",
         "model": parsed.model or DEFAULT_MODEL,

@@ -338,3 +338,13 @@ class RateLimiter:
 
 async def _nothing() -> None:
     return None
+
+
+def settle_in_background(
+    pending: set[asyncio.Task[None]], limiter: RateLimiter, adm: Admission, used: int
+) -> None:
+    """Settle in a task of its own: it must run even when the client's task was cancelled.
+    `pending` keeps a reference until it is done (the app's `state.background`)."""
+    task = asyncio.get_running_loop().create_task(limiter.settle(adm, used))
+    pending.add(task)
+    task.add_done_callback(pending.discard)

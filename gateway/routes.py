@@ -20,7 +20,7 @@ from gateway.chat import ChatService, PreparedChat
 from gateway.errors import ModelNotFound, RequestTooLarge, with_headers
 from gateway.metrics import GatewayMetrics
 from gateway.moderation import GuardServices, policy_header
-from gateway.ratelimit import Admission, RateLimiter
+from gateway.ratelimit import Admission, RateLimiter, settle_in_background
 from gateway.settings import Settings
 from gateway.streaming import ChatStream
 from model.openai_wire import json_bytes
@@ -77,7 +77,7 @@ class ChatCompletions:
             await send({"type": "http.response.start", "status": 200, "headers": raw})
             await send({"type": "http.response.body", "body": body})
         finally:
-            _settle_later(state, limiter, adm, chat.used_tokens)
+            settle_in_background(state.background, limiter, adm, chat.used_tokens)
 
     async def _stream(
         self,
@@ -132,7 +132,7 @@ async def _admitted(
     try:
         await chat_service.check_input(chat)
     except Exception as exc:
-        _settle_later(state, limiter, adm, chat.prompt_tokens)
+        settle_in_background(state.background, limiter, adm, chat.prompt_tokens)
         raise with_headers(exc, headers) from None
     return chat, adm, headers
 
@@ -216,14 +216,6 @@ async def _unless_disconnected(work: Coroutine[Any, Any, T], receive: Receive) -
         raise
     finally:
         watcher.cancel()
-
-
-def _settle_later(state: Any, limiter: RateLimiter, adm: Admission, used: int) -> None:
-    """Settle in a task of its own: it must run even when the client's task was cancelled."""
-    pending: set[asyncio.Task[None]] = state.background
-    task = asyncio.get_running_loop().create_task(limiter.settle(adm, used))
-    pending.add(task)
-    task.add_done_callback(pending.discard)
 
 
 def _model_card(model_id: str, created: int) -> dict[str, Any]:
