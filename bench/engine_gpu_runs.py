@@ -128,14 +128,14 @@ def current_engine_streams(
     from model.engine import Finished
     from model.prompt import render_prompt
     from model.runner import MllamaRunner
-    from model.scheduler import BatchScheduler, Sequence
+    from model.scheduler import BatchScheduler, ScheduledRequest
 
     encoder = PromptEncoder(processor)
     scheduler = BatchScheduler(MllamaRunner(model, encoder.pad_id, device), encoder, (), 8)
     first: dict[int, float] = {}
     original_step = scheduler._step
 
-    def step(seq: Sequence, logits: torch.Tensor) -> int | None:
+    def step(seq: ScheduledRequest, logits: torch.Tensor) -> int | None:
         first.setdefault(id(seq), time.perf_counter())
         return original_step(seq, logits)
 

@@ -27,8 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from gateway import dry_run, policy_files
 from gateway.admin import require_admin
 from gateway.errors import GatewayError, InvalidRequest, NotFound
+from gateway.guard_services import GuardServices
 from gateway.images import ImageLoader
-from gateway.moderation import GuardServices
 from gateway.settings import PROJECT_ROOT
 from guards.policy import Policy
 from guards.policy_store import PolicyNotFound

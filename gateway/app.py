@@ -29,19 +29,19 @@ from gateway.auth import AuthService, ensure_demo_key
 from gateway.chat import ChatService
 from gateway.configured_keys import ConfiguredKeys
 from gateway.errors import GatewayError, InvalidRequest, NotFound, as_gateway_error, is_mapped
+from gateway.guard_services import GuardServices
 from gateway.images import ImageLimits, ImageLoader
 from gateway.keys import KeyStore
 from gateway.logging import configure_logging
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestContextMiddleware
-from gateway.model_routes import ModelRouter
-from gateway.moderation import GuardServices
+from gateway.model_router import ModelRouter
 from gateway.moderations import ModerationService
 from gateway.moderations import router as moderations_router
 from gateway.openapi import describe_raw_routes
+from gateway.public_api import CHAT_PATH, ChatCompletions, router
 from gateway.ratelimit import RateLimiter
 from gateway.redis_conn import RedisConnection, RedisMetrics
-from gateway.routes import CHAT_PATH, ChatCompletions, router
 from gateway.settings import Settings
 from model.engine import Engine
 from model.errors import ModelError

@@ -20,11 +20,11 @@ from gateway.errors import (
     as_gateway_error,
     server_failure,
 )
+from gateway.guard_services import GuardServices, policy_header
 from gateway.image_tokens import ImageTokenCounter
 from gateway.images import ImageLoader
 from gateway.metrics import GatewayMetrics
-from gateway.model_routes import ModelRouter
-from gateway.moderation import GuardServices, policy_header
+from gateway.model_router import ModelRouter
 from gateway.protocol import ChatCompletionRequest, ChatMessage, ImageContentPart
 from gateway.settings import Settings
 from gateway.tool_calls import answer_message, tools_json

@@ -36,10 +36,10 @@ from gateway.errors import (
     PermissionDenied,
     RequestTooLarge,
 )
+from gateway.guard_services import GuardServices, policy_header
 from gateway.image_tokens import ImageTokenCounter
 from gateway.images import ImageLoader
 from gateway.keys import ApiKey
-from gateway.moderation import GuardServices, policy_header
 from gateway.ratelimit import settle_in_background
 from gateway.settings import Settings
 from guards.base import GuardInput

@@ -1,6 +1,6 @@
 """The OpenAPI document's description of the routes that FastAPI does not build itself.
 
-`POST /v1/chat/completions` is a raw ASGI endpoint (`gateway.routes.ChatCompletions`) that
+`POST /v1/chat/completions` is a raw ASGI endpoint (`gateway.public_api.ChatCompletions`) that
 parses its body with `ChatCompletionRequest.model_validate_json`, outside FastAPI's routing, so
 FastAPI cannot describe it. This module adds it to the document from the same pydantic model
 that parses the requests, once, when the document is first built (`GET /openapi.json`): the

@@ -61,7 +61,9 @@ _INVISIBLE_RANGES = (
     (0xFFA0, 0xFFA0),
     (0xE0000, 0xE007F),  # tag characters
 )
-_INVISIBLE: dict[int, None] = {cp: None for lo, hi in _INVISIBLE_RANGES for cp in range(lo, hi + 1)}
+INVISIBLE_CHARS: dict[int, None] = {
+    cp: None for lo, hi in _INVISIBLE_RANGES for cp in range(lo, hi + 1)
+}
 
 # Look-alike letters (after case folding and diacritic stripping) onto Latin.
 _CONFUSABLES = str.maketrans(
@@ -96,7 +98,7 @@ def normalize(text: str) -> str:
     """Lower case, NFKC, no diacritics, no invisible characters, look-alikes folded to Latin."""
     if text.isascii():  # every step below but the case and the spaces leaves ASCII as it is
         return _SPACES.sub(" ", text.lower())
-    text = unicodedata.normalize("NFKC", text.translate(_INVISIBLE)).casefold()
+    text = unicodedata.normalize("NFKC", text.translate(INVISIBLE_CHARS)).casefold()
     decomposed = unicodedata.normalize("NFD", text)
     text = "".join(ch for ch in decomposed if unicodedata.category(ch) != "Mn")
     text = unicodedata.normalize("NFC", text).translate(_CONFUSABLES)

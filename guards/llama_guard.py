@@ -84,8 +84,8 @@ from transformers.models.mllama.processing_mllama import (
 
 from guards._device import device_and_dtype
 from guards.base import CategoryScore, GuardInput, GuardVerdict, Stage, severity_from_score
-from guards.batching import BatchingGuard
 from guards.llama_guard_parser import LlamaGuardParseError, parse_llama_guard_output
+from guards.micro_batcher import BatchingGuard
 from model.engine import ImagePart, TextPart
 
 DEFAULT_THRESHOLD = 0.5

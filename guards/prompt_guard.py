@@ -39,7 +39,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from guards._device import device_and_dtype
 from guards.base import CategoryScore, GuardInput, GuardVerdict, Stage, severity_from_score
-from guards.batching import BatchingGuard
+from guards.micro_batcher import BatchingGuard
 
 DEFAULT_THRESHOLD = 0.9  # Meta's recommended threshold for both versions
 

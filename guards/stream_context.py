@@ -1,7 +1,7 @@
 """How much already-released text a streamed check must see again, and in what form.
 
-The stream moderator (`guards.streaming`) checks each new piece of an answer together with the
-end of the text already released before it, so that a blocked term or regex match that starts
+The stream moderator (`guards.stream_moderator`) checks each new piece of an answer together with
+the end of the text already released before it, so that a blocked term or regex match that starts
 in released text and ends in the new piece is still found. This module sizes that context from
 a policy (`stream_context_chars`) and keeps it compact (`compact`).
 
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import regex
 
-from guards.blocklist import _INVISIBLE, term_tokens
+from guards.blocklist import INVISIBLE_CHARS, term_tokens
 
 if TYPE_CHECKING:
     from guards.policy import Policy
@@ -63,7 +63,7 @@ def _one_space(match: re.Match[str]) -> str:
 
 def compact(text: str) -> str:
     """The text as the context of a streamed check keeps it (see the module doc)."""
-    text = text.translate(_INVISIBLE)
+    text = text.translate(INVISIBLE_CHARS)
     text = _WHITESPACE_RUN.sub(_one_space, text)
     return _COMBINING_RUN.sub(r"\1", text)
 

@@ -41,7 +41,7 @@ log = structlog.get_logger(__name__)
 
 
 @dataclass(eq=False)
-class Sequence:
+class ScheduledRequest:
     """One request's life in the scheduler."""
 
     request: EngineRequest
@@ -104,8 +104,8 @@ class BatchScheduler:
         self._token_bytes = token_bytes
         self._eos = frozenset(eos_token_ids)
         self._max_batch = max(1, max_batch_size)
-        self._pending: deque[Sequence] = deque()
-        self._active: list[Sequence] = []
+        self._pending: deque[ScheduledRequest] = deque()
+        self._active: list[ScheduledRequest] = []
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -120,8 +120,8 @@ class BatchScheduler:
         images: list[Image],
         emit: Callable[..., None],
         grammar: RowGrammar | None = None,
-    ) -> Sequence:
-        return Sequence(
+    ) -> ScheduledRequest:
+        return ScheduledRequest(
             request=request,
             prompt=prompt,
             images=images,
@@ -131,7 +131,7 @@ class BatchScheduler:
             grammar=grammar,
         )
 
-    def submit(self, seq: Sequence) -> None:
+    def submit(self, seq: ScheduledRequest) -> None:
         with self._cond:
             if self._stopping:
                 seq.finish("error", "the engine is shutting down")
@@ -139,7 +139,7 @@ class BatchScheduler:
             self._pending.append(seq)
             self._cond.notify()
 
-    def cancel(self, seq: Sequence) -> None:
+    def cancel(self, seq: ScheduledRequest) -> None:
         """Mark cancelled; the worker drops it before its next step (or before it starts)."""
         seq.cancelled = True
         with self._cond:
@@ -168,7 +168,7 @@ class BatchScheduler:
             self._thread.join(timeout)
 
     # -- worker --------------------------------------------------------------------------
-    def _take_batch(self) -> list[Sequence] | None:
+    def _take_batch(self) -> list[ScheduledRequest] | None:
         with self._cond:
             while True:
                 for seq in [s for s in self._pending if s.cancelled]:
@@ -200,9 +200,9 @@ class BatchScheduler:
                 seq.finish("cancelled")
             self._pending.clear()
 
-    def _encode(self, batch: list[Sequence]) -> list[Sequence]:
+    def _encode(self, batch: list[ScheduledRequest]) -> list[ScheduledRequest]:
         """Encode each row on its own; a row that cannot be encoded fails alone."""
-        ready: list[Sequence] = []
+        ready: list[ScheduledRequest] = []
         for seq in batch:
             if seq.encoded is None:
                 try:
@@ -223,7 +223,7 @@ class BatchScheduler:
             ready.append(seq)
         return ready
 
-    def _run_isolated(self, batch: list[Sequence]) -> None:
+    def _run_isolated(self, batch: list[ScheduledRequest]) -> None:
         """Run a batch; if it fails, run its untouched rows alone so only the guilty one fails."""
         if not batch:
             return
@@ -250,7 +250,7 @@ class BatchScheduler:
                 log.exception("sequence_failed", request_id=seq.request.request_id)
                 seq.finish("error", f"{type(exc).__name__}: {exc}")
 
-    def _run(self, batch: list[Sequence]) -> None:
+    def _run(self, batch: list[ScheduledRequest]) -> None:
         rows = [s.encoded for s in batch]
         if any(r is None for r in rows):
             raise RuntimeError("a row reached the model without being encoded")
@@ -281,7 +281,7 @@ class BatchScheduler:
                 active = [active[i] for i in keep]
             logits = self._runner.decode(state, tokens)
 
-    def _step(self, seq: Sequence, logits: torch.Tensor) -> int | None:
+    def _step(self, seq: ScheduledRequest, logits: torch.Tensor) -> int | None:
         """Sample one token for `seq`; return it if the sequence goes on, else None."""
         if seq.cancelled:
             seq.finish("cancelled")

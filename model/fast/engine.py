@@ -23,8 +23,8 @@ from PIL.Image import Image
 from model.encoding import PromptEncoder
 from model.engine import EngineEvent, EngineInfo, EngineRequest, Finished
 from model.errors import EngineError, InputRejected
-from model.fast.batching import ContinuousBatcher
 from model.fast.config import FastEngineConfig
+from model.fast.continuous_batcher import ContinuousBatcher
 from model.fast.forward import FastForward
 from model.fast.graphs import DecodeGraphs
 from model.fast.kv_cache import CacheGeometry, ImageStateCache, StaticKVCache, plan_slots

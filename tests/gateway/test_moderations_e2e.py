@@ -303,7 +303,7 @@ async def test_start_up_log_names_what_cannot_be_judged(policy_dir: Path) -> Non
     import structlog
     from prometheus_client import CollectorRegistry
 
-    from gateway.moderation import GuardServices
+    from gateway.guard_services import GuardServices
     from guards.pipeline import GuardPipelines
     from guards.policy_store import PolicyStore
     from guards.registry import build_guards

@@ -17,7 +17,7 @@ from guards.code_shield import CodeShieldGuard
 from guards.decision import Decision
 from guards.pipeline import GuardPipeline
 from guards.policy import parse_policy
-from guards.streaming import StreamModerator
+from guards.stream_moderator import StreamModerator
 from model.engine import ChatTurn, TextPart
 
 POLICY = """

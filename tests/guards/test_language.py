@@ -131,7 +131,7 @@ async def test_a_streamed_answer_is_judged_whole_at_the_end_not_per_piece(
 ) -> None:
     """Pieces of a stream sit the language guard out (its cost would grow with every piece);
     the final whole-answer check judges the language, so the stream still ends blocked."""
-    from guards.streaming import StreamModerator
+    from guards.stream_moderator import StreamModerator
 
     prompt = (ChatTurn("user", (TextPart(CARD_LANGUAGES["en"]),)),)
     calls: list[bool] = []

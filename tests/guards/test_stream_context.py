@@ -73,7 +73,7 @@ def test_the_context_is_sized_from_the_policy() -> None:
 
 
 def _normalize_the_long_way(text: str) -> str:
-    text = unicodedata.normalize("NFKC", text.translate(blocklist._INVISIBLE)).casefold()
+    text = unicodedata.normalize("NFKC", text.translate(blocklist.INVISIBLE_CHARS)).casefold()
     decomposed = unicodedata.normalize("NFD", text)
     text = "".join(ch for ch in decomposed if unicodedata.category(ch) != "Mn")
     text = unicodedata.normalize("NFC", text).translate(blocklist._CONFUSABLES)

@@ -1,6 +1,6 @@
 """Streamed moderation through the real guard pipeline: bounded context, no leaks, linear cost.
 
-Each stream runs as the gateway runs it (`gateway.streaming.ChoiceStream`): a `StreamModerator`
+Each stream runs as the gateway runs it (`gateway.sse.ChoiceStream`): a `StreamModerator`
 whose check is `GuardPipeline.run("output", ...)` with the policy's window and the context that
 `stream_context_chars` gives for the policy and the guards that run.
 """
@@ -20,7 +20,7 @@ from guards.decision import Decision
 from guards.pipeline import GuardPipeline
 from guards.policy import Policy, parse_policy
 from guards.stream_context import stream_context_chars
-from guards.streaming import StreamModerator
+from guards.stream_moderator import StreamModerator
 from model.engine import ChatTurn, TextPart
 
 TURNS = (ChatTurn(role="user", parts=(TextPart("Tell me a story."),)),)

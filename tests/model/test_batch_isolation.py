@@ -24,7 +24,7 @@ from model.engine import (
     TextPart,
 )
 from model.local_engine import LocalMllamaEngine
-from model.scheduler import Sequence
+from model.scheduler import ScheduledRequest
 from tests.model.fast_support import run
 
 
@@ -90,7 +90,7 @@ def test_a_batch_that_fails_in_the_model_is_retried_row_by_row(engine: LocalMlla
     async def together() -> list[list[object]]:
         loop = asyncio.get_running_loop()
         queues: list[asyncio.Queue[object]] = []
-        seqs: list[Sequence] = []
+        seqs: list[ScheduledRequest] = []
         for i, text in enumerate([texts[0], "guilty", texts[1]]):
             req = request(f"row{i}", text)
             prompt, images = engine.renderer.render(req.messages)

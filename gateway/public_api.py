@@ -18,11 +18,11 @@ from gateway.audit import AuditContext
 from gateway.auth import AuthService
 from gateway.chat import ChatService, PreparedChat
 from gateway.errors import ModelNotFound, RequestTooLarge, with_headers
+from gateway.guard_services import GuardServices, policy_header
 from gateway.metrics import GatewayMetrics
-from gateway.moderation import GuardServices, policy_header
 from gateway.ratelimit import Admission, RateLimiter, settle_in_background
 from gateway.settings import Settings
-from gateway.streaming import ChatStream
+from gateway.sse import ChatStream
 from model.openai_wire import json_bytes
 
 T = TypeVar("T")

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from guards.base import Guard, GuardInput, GuardVerdict
-from guards.batching import BatchingGuard, MicroBatcher
+from guards.micro_batcher import BatchingGuard, MicroBatcher
 from model.engine import ChatTurn, TextPart
 
 

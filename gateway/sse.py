@@ -30,7 +30,7 @@ from guards.code_block_hold import CodeBlockHold
 from guards.decision import Decision
 from guards.pipeline import GuardPipeline
 from guards.stream_context import stream_context_chars
-from guards.streaming import ModerationStep, StreamModerator
+from guards.stream_moderator import ModerationStep, StreamModerator
 from model.engine import EngineEvent, TextDelta
 from model.logprobs import openai_logprobs
 from model.openai_wire import json_bytes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from guards.streaming import StreamModerator
+from guards.stream_moderator import StreamModerator
 
 
 def moderator(banned: str, window: int = 40) -> StreamModerator[bool]:

@@ -58,7 +58,7 @@ class Timeouts(_Strict):
     pool: PositiveFloat = 10.0  # waiting for a free pooled connection
 
 
-class _Route(_Strict):
+class BaseRoute(_Strict):
     model: str = Field(min_length=1, max_length=256)
     aliases: list[Annotated[str, AfterValidator(lambda v: _check_name(v, "alias"))]] = Field(
         default_factory=list
@@ -81,11 +81,11 @@ def _check_name(value: str, what: str) -> str:
     return value
 
 
-class LocalRoute(_Route):
+class LocalRoute(BaseRoute):
     engine: Literal["local"]
 
 
-class _RemoteRoute(_Route):
+class RemoteRoute(BaseRoute):
     api_key_env: str | None = Field(default=None, pattern=_ENV_NAME)
     api_key_file: Path | None = None
     timeouts: Timeouts = Field(default_factory=Timeouts)
@@ -94,7 +94,7 @@ class _RemoteRoute(_Route):
     tokenizer_path: Path | None = None  # exact prompt counts (else ~4 characters per token)
 
     @model_validator(mode="after")
-    def _one_key_source(self) -> _RemoteRoute:
+    def _one_key_source(self) -> RemoteRoute:
         if self.api_key_env and self.api_key_file:
             raise ValueError("set api_key_env or api_key_file, not both")
         return self
@@ -112,7 +112,7 @@ def _check_base(value: str | None) -> str | None:
     return value.rstrip("/")
 
 
-class UpstreamRoute(_RemoteRoute):
+class UpstreamRoute(RemoteRoute):
     engine: Literal["upstream"] = "upstream"
     api_base: str
     upstream_model: str | None = None  # the name sent upstream; default: `model`
@@ -124,7 +124,7 @@ class UpstreamRoute(_RemoteRoute):
         return _check_base(value)
 
 
-class LiteLLMRoute(_RemoteRoute):
+class LiteLLMRoute(RemoteRoute):
     engine: Literal["litellm"] = "litellm"
     litellm_model: str = Field(min_length=1)  # e.g. "bedrock/...", "openai/<name>"
     api_base: str | None = None
@@ -136,7 +136,7 @@ class LiteLLMRoute(_RemoteRoute):
         return _check_base(value)
 
 
-def _route_kind(value: Any) -> str | None:
+def route_kind(value: Any) -> str | None:
     """`engine` may be left out: litellm when `litellm_model` is set, else upstream."""
     if isinstance(value, dict):
         engine = value.get("engine")
@@ -151,7 +151,7 @@ RouteSpec = Annotated[
     | Annotated[UpstreamRoute, Tag("upstream")]
     | Annotated[LiteLLMRoute, Tag("litellm")],
     Discriminator(
-        _route_kind,
+        route_kind,
         custom_error_type="engine",
         custom_error_message="engine must be one of: local, upstream, litellm",
     ),

@@ -1,7 +1,7 @@
 """Model routes at run time: which engine serves which model name.
 
 `ModelRouter` resolves a requested name (or alias) to its route, and builds and owns the routes'
-engines; the routes file it is built from is `gateway.routes_file` (see docs/scaling.md).
+engines; the routes file it is built from is `gateway.model_router_file` (see docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.routes_file import (
+from gateway.model_router_file import (
+    BaseRoute,
     EngineKind,
     LiteLLMRoute,
     LocalRoute,
+    RemoteRoute,
     RoutesFile,
     RoutesFileError,
     UpstreamRoute,
-    _RemoteRoute,
-    _Route,
     load_routes_file,
 )
 from model.engine import Engine
@@ -37,7 +37,7 @@ class Route:
     kind: EngineKind = "local"
     aliases: tuple[str, ...] = ()
     policy: str | None = None  # a per-route guard policy name (None: the key's or default)
-    spec: _Route | None = field(default=None, compare=False)
+    spec: BaseRoute | None = field(default=None, compare=False)
 
 
 class ModelRouter:
@@ -110,7 +110,7 @@ class ModelRouter:
         return [r.model for r in self.routes if not r.engine.ready()]
 
 
-def _api_key(route: _RemoteRoute) -> str | None:
+def _api_key(route: RemoteRoute) -> str | None:
     if route.api_key_env:
         value = os.environ.get(route.api_key_env)
         if not value:
@@ -124,7 +124,7 @@ def _api_key(route: _RemoteRoute) -> str | None:
     return None
 
 
-def _build_engine(route: _Route, settings: Any, local_factory: LocalEngineFactory) -> Engine:
+def _build_engine(route: BaseRoute, settings: Any, local_factory: LocalEngineFactory) -> Engine:
     if isinstance(route, LocalRoute):
         update = {"model_id": route.model, "model_aliases": list(route.aliases)}
         copy = getattr(settings, "model_copy", None)

@@ -12,8 +12,8 @@ import openai
 import pytest
 
 from gateway.errors import GatewayError, as_gateway_error
-from gateway.model_routes import ModelRouter
-from gateway.routes_file import (
+from gateway.model_router import ModelRouter
+from gateway.model_routes_file import (
     LiteLLMRoute,
     RoutesFileError,
     UpstreamRoute,
