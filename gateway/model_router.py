@@ -1,7 +1,7 @@
 """Model routes at run time: which engine serves which model name.
 
 `ModelRouter` resolves a requested name (or alias) to its route, and builds and owns the routes'
-engines; the routes file it is built from is `gateway.model_router_file` (see docs/scaling.md).
+engines; the routes file it is built from is `gateway.model_routes_file` (see docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.model_router_file import (
+from gateway.model_routes_file import (
     BaseRoute,
     EngineKind,
     LiteLLMRoute,
