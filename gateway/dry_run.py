@@ -28,7 +28,7 @@ from guards.policy_cli import Counts, DataError, EvalLine, guard_input, read_dat
 from model.engine import ChatTurn, ImagePart, TextPart
 
 
-class _Recording:
+class _Recording(Guard):
     """A guard that remembers the verdicts it returned (one dry run, one task)."""
 
     def __init__(self, guard: Guard) -> None:
@@ -46,9 +46,7 @@ class _Recording:
 def bound_guards(policy: Policy, guards: Mapping[str, Guard]) -> dict[str, _Recording]:
     bound: dict[str, _Recording] = {}
     for name, guard in guards.items():
-        if hasattr(guard, "for_policy"):
-            guard = guard.for_policy(policy)
-        bound[name] = _Recording(guard)
+        bound[name] = _Recording(guard.for_policy(policy))
     if "blocklist" not in bound:
         bound["blocklist"] = _Recording(BlocklistGuard.from_policy(policy))
     return bound

@@ -102,12 +102,8 @@ class GuardServices:
     async def stop(self) -> None:
         await self.store.stop()
         for guard in self.guards.values():
-            closer = getattr(guard, "close", None)
-            if closer is not None:
-                with contextlib.suppress(Exception):
-                    result = closer()
-                    if asyncio.iscoroutine(result):
-                        await result
+            with contextlib.suppress(Exception):
+                guard.close()
 
     def policy(self, name: str | None) -> Policy:
         """The key's policy (or the default); a key naming a policy that is not loaded fails

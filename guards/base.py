@@ -17,9 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from model.engine import ChatTurn
+
+if TYPE_CHECKING:
+    from guards.policy import Policy
 
 Stage = Literal["input", "output"]
 Severity = Literal["safe", "low", "medium", "high"]
@@ -95,9 +98,32 @@ class Guard(Protocol):
     Implementations must not raise for bad content; an exception means the guard failed, and
     the caller turns it into a verdict with `error` set (fail closed unless the policy says
     otherwise).
+
+    Guards subclass this protocol explicitly, so that they inherit the defaults of its optional
+    capabilities (`for_policy`, `close`, `whole_answer_only`, `judged_categories`) and override
+    only those they have.
     """
 
     name: str
     stages: frozenset[Stage]
+    # True for a guard whose verdict only means something on a whole answer (e.g. its
+    # language): it sits out the pieces of a streamed answer and judges the final check.
+    whole_answer_only: bool = False
 
     async def check(self, items: Sequence[GuardInput]) -> list[GuardVerdict]: ...
+
+    def for_policy(self, policy: Policy) -> Guard:
+        """This guard bound to one policy (its lists, its languages); the pipeline calls it once
+        per policy version. The default: the guard does not depend on the policy."""
+        return self
+
+    def close(self) -> None:
+        """Release threads and workers at shutdown; the default has nothing to release."""
+        return None
+
+    @property
+    def judged_categories(self) -> frozenset[str] | None:
+        """The category keys this guard reports in its verdicts, when they depend on how it was
+        built (Llama Guard's rendered codes); None: the ones its registry name stands for
+        (`guards.coverage`)."""
+        return None

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import regex
 
-from guards.base import CategoryScore, GuardInput, GuardVerdict, Stage
+from guards.base import CategoryScore, Guard, GuardInput, GuardVerdict, Stage
 
 if TYPE_CHECKING:
     from guards.policy import Policy
@@ -271,7 +271,7 @@ class CompiledBlocklist:
 # -- the guard -------------------------------------------------------------------------------
 
 
-class BlocklistGuard:
+class BlocklistGuard(Guard):
     """Checks the stage's text against the policy's custom blocklists for that stage."""
 
     name = "blocklist"

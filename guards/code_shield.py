@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from guards.base import CategoryScore, GuardInput, GuardVerdict, Severity, Stage
+from guards.base import CategoryScore, Guard, GuardInput, GuardVerdict, Severity, Stage
 from guards.code_scan import LANGUAGES, CodeScanner, Issue
 
 CATEGORY = "insecure_code"
@@ -101,7 +101,7 @@ def looks_like_code(text: str) -> bool:
     return sum(1 for line in lines if _CODE_LINE.search(line)) / len(lines) >= 0.5
 
 
-class CodeShieldGuard:
+class CodeShieldGuard(Guard):
     name = "code_shield"
     stages: frozenset[Stage] = frozenset({"output"})
 

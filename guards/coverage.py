@@ -10,7 +10,6 @@ coverage is never reported with a `severity` or `detected`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from guards.base import Guard, Stage
 from guards.content_filter import DETECTION_CATEGORIES, SEVERITY_CATEGORIES
@@ -35,21 +34,22 @@ JUDGE_FOR = {
 }
 
 
-def raw_categories(name: str, guard: Guard | Any) -> frozenset[str]:
-    """The category keys a guard reports in its verdicts (before the policy's mapping)."""
-    declared = getattr(guard, "judged_categories", None)
+# What a guard reports when it does not say (`Guard.judged_categories` is None), by its name.
+CATEGORIES_BY_NAME: dict[str, frozenset[str]] = {
+    "llama_guard": frozenset(LLAMA_GUARD_CODES),
+    "prompt_guard": frozenset({"jailbreak"}),
+    "jailbreak_heuristic": frozenset({"jailbreak", "indirect_attack"}),
+    "profanity": frozenset({"profanity"}),
+}
+
+
+def raw_categories(name: str, guard: Guard) -> frozenset[str]:
+    """The category keys a guard reports in its verdicts (before the policy's mapping);
+    blocklists report their own lists, no category."""
+    declared = guard.judged_categories
     if declared is not None:
         return frozenset(declared)
-    if name == "llama_guard":
-        return frozenset(getattr(guard, "valid_codes", LLAMA_GUARD_CODES))
-    if name == "prompt_guard":
-        extra = {"indirect_attack"} if getattr(guard, "report_indirect_attack", False) else set()
-        return frozenset({"jailbreak", *extra})
-    if name == "jailbreak_heuristic":
-        return frozenset({"jailbreak", "indirect_attack"})
-    if name == "profanity":
-        return frozenset({"profanity"})
-    return frozenset()  # blocklists report their own lists, no category
+    return CATEGORIES_BY_NAME.get(name, frozenset())
 
 
 def policy_keys(policy: Policy, raw: frozenset[str]) -> set[str]:
@@ -65,18 +65,18 @@ def policy_keys(policy: Policy, raw: frozenset[str]) -> set[str]:
     return out
 
 
-def stage_coverage(policy: Policy, guards: Mapping[str, Guard | Any], stage: Stage) -> set[str]:
+def stage_coverage(policy: Policy, guards: Mapping[str, Guard], stage: Stage) -> set[str]:
     """Categories the policy's available guards judge at `stage`."""
     judged: set[str] = set()
     for name, _ in policy.guards_for(stage):
         guard = guards.get(name)
-        if guard is None or stage not in getattr(guard, "stages", frozenset()):
+        if guard is None or stage not in guard.stages:
             continue
         judged |= policy_keys(policy, raw_categories(name, guard))
     return judged
 
 
-def cannot_judge(policy: Policy, guards: Mapping[str, Guard | Any]) -> dict[str, list[str]]:
+def cannot_judge(policy: Policy, guards: Mapping[str, Guard]) -> dict[str, list[str]]:
     """Reported category -> the stages at which nobody judges it (only those with a gap).
     Detection categories of the prompt (jailbreak) are not expected at the output stage."""
     gaps: dict[str, list[str]] = {}
@@ -98,7 +98,7 @@ def hint(category: str) -> str:
     return f"no judge; set {GUARD_SETTING[guard]} (and list {guard} in the policy)"
 
 
-def missing_required(policy: Policy, guards: Mapping[str, Guard | Any]) -> list[str]:
+def missing_required(policy: Policy, guards: Mapping[str, Guard]) -> list[str]:
     """Guards the policy requires (`optional: false`) that this process does not have."""
     return [
         name

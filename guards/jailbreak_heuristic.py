@@ -27,7 +27,14 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from guards.base import CategoryScore, GuardInput, GuardVerdict, Stage, severity_from_score
+from guards.base import (
+    CategoryScore,
+    Guard,
+    GuardInput,
+    GuardVerdict,
+    Stage,
+    severity_from_score,
+)
 from guards.blocklist import normalize
 from model.engine import TextPart
 
@@ -403,7 +410,7 @@ THIRD_PARTY_ROLES = ("system", "assistant", "tool")
 INLINE_MAX_CHARS = 8192
 
 
-class JailbreakHeuristicGuard:
+class JailbreakHeuristicGuard(Guard):
     """`jailbreak` from the user's turns, `indirect_attack` from system, assistant and tool
     turns."""
 

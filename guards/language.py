@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from guards.base import CategoryScore, GuardInput, GuardVerdict, Stage
+from guards.base import CategoryScore, Guard, GuardInput, GuardVerdict, Stage
 from guards.language_codes import (
     CARD_IMAGE_LANGUAGES,
     CARD_TEXT_LANGUAGES,
@@ -234,7 +234,7 @@ def _has_image(item: GuardInput) -> bool:
     return any(isinstance(p, ImagePart) for turn in item.messages for p in turn.parts)
 
 
-class LanguageGuard:
+class LanguageGuard(Guard):
     name = "language"
     stages: frozenset[Stage] = frozenset({"input", "output"})
     # A piece of a streamed answer has no language worth judging apart from the answer: the

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from guards.base import GuardInput, GuardVerdict, Stage
+from guards.base import Guard, GuardInput, GuardVerdict, Stage
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -170,7 +170,7 @@ class MicroBatcher(Generic[T, R]):
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-class BatchingGuard:
+class BatchingGuard(Guard):
     """A `Guard` whose `check()` calls are micro-batched into calls of `batch_fn`.
 
     `batch_fn(items) -> verdicts` is synchronous (it runs in the batcher's worker thread) and

@@ -170,9 +170,7 @@ class GuardPipeline:
     def _bind(self, name: str, guard: Guard | None) -> Guard | None:
         if guard is None and name == "blocklist":
             return BlocklistGuard.from_policy(self.policy)
-        if guard is not None and hasattr(guard, "for_policy"):
-            return guard.for_policy(self.policy)  # type: ignore[no-any-return]
-        return guard
+        return guard.for_policy(self.policy) if guard is not None else None
 
     def guards_for(self, stage: Stage) -> list[str]:
         """Names of the guards that run (or fail as unavailable) at this stage."""
@@ -211,7 +209,7 @@ class GuardPipeline:
             return [decision] * len(items)
         plans = self._plans[stage]
         if piece:
-            plans = [p for p in plans if not getattr(p.guard, "whole_answer_only", False)]
+            plans = [p for p in plans if p.guard is None or not p.guard.whole_answer_only]
         results = await asyncio.gather(*(self._run_guard(p, stage, items) for p in plans))
         ran, skipped = [p.name for p in plans], self._skipped[stage]
         decisions = []

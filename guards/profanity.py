@@ -19,7 +19,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from guards.base import CategoryScore, GuardInput, GuardVerdict, Stage, severity_from_score
+from guards.base import (
+    CategoryScore,
+    Guard,
+    GuardInput,
+    GuardVerdict,
+    Stage,
+    severity_from_score,
+)
 from guards.blocklist import CompiledBlocklist, NormalizedText
 
 Classifier = Callable[[list[str]], Sequence[float]]
@@ -77,7 +84,7 @@ def chunks(text: str) -> list[str]:
     return parts
 
 
-class ProfanityGuard:
+class ProfanityGuard(Guard):
     name = "profanity"
     stages: frozenset[Stage] = frozenset({"input", "output"})
 

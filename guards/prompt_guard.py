@@ -122,6 +122,12 @@ class PromptGuard(BatchingGuard):
         self.window_overlap = window_overlap
         self.max_windows_per_forward = max_windows_per_forward
 
+    @property
+    def judged_categories(self) -> frozenset[str]:
+        if self.report_indirect_attack:
+            return frozenset({"jailbreak", "indirect_attack"})
+        return frozenset({"jailbreak"})
+
     # --- synchronous work (runs in the batcher's thread) ----------------------------------
 
     def classify_batch(self, items: list[GuardInput]) -> list[GuardVerdict]:

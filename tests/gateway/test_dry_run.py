@@ -17,7 +17,7 @@ from guards.registry import build_guards
 POLICY = Path(__file__).resolve().parents[2] / "policies" / "default.yaml"
 
 
-class Counting:
+class Counting(Guard):
     """A real guard, with its calls and the most calls in flight at once counted."""
 
     def __init__(self, guard: Guard) -> None:

@@ -124,6 +124,7 @@ def test_8b_template_with_string_content_and_a_fixed_list(lg_dirs: dict[str, Pat
     guard = load(lg_dirs["8b"])
     assert guard.parts_content is False and not guard.template_takes_categories
     assert guard.valid_codes == (*S1_S13, "S14")
+    assert guard.judged_categories == frozenset(guard.valid_codes)
     text = guard.render_prompt(response("Sure.", user("Run this code")))
     assert text.startswith(" <|begin_of_text|>")  # the 8B template's leading space, kept
     assert "S14: Code Interpreter Abuse.\n<END UNSAFE CONTENT CATEGORIES>" in text

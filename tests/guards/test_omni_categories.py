@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 
-from guards.base import CategoryScore, GuardVerdict
+from guards.base import CategoryScore, Guard, GuardInput, GuardVerdict, Stage
 from guards.coverage import cannot_judge, hint, missing_required, stage_coverage
 from guards.decision import decide
 from guards.omni_categories import OMNI_CATEGORIES, moderation_result
@@ -66,18 +66,34 @@ def test_excluded_and_failed_are_not_judged() -> None:
     assert set(result["categories"]) == set(OMNI_CATEGORIES)
 
 
+class Loaded(Guard):
+    """A guard as coverage sees it: its stages and, when it says, the categories it reports."""
+
+    def __init__(self, stages: frozenset[Stage], judged: frozenset[str] | None = None) -> None:
+        self.name = "loaded"
+        self.stages = stages
+        self._judged = judged
+
+    @property
+    def judged_categories(self) -> frozenset[str] | None:
+        return self._judged
+
+    async def check(self, items: Sequence[GuardInput]) -> list[GuardVerdict]:
+        raise AssertionError("coverage never runs a guard")
+
+
 def test_coverage_without_and_with_llama_guard() -> None:
-    embedded = {
-        "profanity": SimpleNamespace(stages=frozenset({"input", "output"})),
-        "jailbreak_heuristic": SimpleNamespace(stages=frozenset({"input"})),
-        "language": SimpleNamespace(stages=frozenset({"input", "output"})),  # built in
+    embedded: dict[str, Guard] = {
+        "profanity": Loaded(frozenset({"input", "output"})),
+        "jailbreak_heuristic": Loaded(frozenset({"input"})),
+        "language": Loaded(frozenset({"input", "output"})),  # built in
     }
     gaps = cannot_judge(DEFAULT, embedded)
     assert gaps == {c: ["input", "output"] for c in ("hate", "self_harm", "sexual", "violence")}
     assert "GATEWAY_LLAMA_GUARD_PATH" in hint("hate")
     with_lg = {
         **embedded,
-        "llama_guard": SimpleNamespace(stages=frozenset({"input", "output"}), valid_codes=CODES),
+        "llama_guard": Loaded(frozenset({"input", "output"}), judged=frozenset(CODES)),
     }
     assert cannot_judge(DEFAULT, with_lg) == {}
     assert stage_coverage(DEFAULT, with_lg, "output") == {

@@ -32,7 +32,7 @@ custom_blocklists:
 """
 
 
-class FakeGuard:
+class FakeGuard(Guard):
     def __init__(
         self,
         name: str,

@@ -167,7 +167,7 @@ async def test_a_match_longer_than_the_context_is_blocked_by_the_final_check() -
     assert "leak" not in sent
 
 
-class CountingGuard:
+class CountingGuard(Guard):
     """A real guard, wrapped: counts the characters it is asked to check."""
 
     def __init__(self, inner: Any, counter: list[int]) -> None:
@@ -177,8 +177,7 @@ class CountingGuard:
         self.counter = counter
 
     def for_policy(self, pol: Policy) -> CountingGuard:
-        inner = self.inner.for_policy(pol) if hasattr(self.inner, "for_policy") else self.inner
-        return CountingGuard(inner, self.counter)
+        return CountingGuard(self.inner.for_policy(pol), self.counter)
 
     async def check(self, items: Sequence[GuardInput]) -> list[GuardVerdict]:
         self.counter[0] += sum(len(item.text_to_check()) for item in items)
