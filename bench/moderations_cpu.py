@@ -30,7 +30,7 @@ from collections.abc import Callable
 from guards.base import GuardInput
 from guards.llama_guard import LlamaGuard
 from guards.pipeline import GuardPipeline
-from guards.policy import parse_policy
+from guards.policy_loader import parse_policy
 from model.engine import ChatTurn, TextPart
 from testkit.tiny_guard_models import build_tiny_llama_guard
 

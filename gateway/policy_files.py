@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import InvalidRequest, PolicyConflict, PolicyDirReadOnly
-from guards.policy import Policy, PolicyError, parse_policy
+from guards.policy import Policy
+from guards.policy_loader import PolicyError, parse_policy
 
 READ_ONLY_HINT = (
     "Edit the policy where it comes from instead (Git, then the Helm chart's ConfigMap); "

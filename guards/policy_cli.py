@@ -35,7 +35,8 @@ from typing import Annotated, Any
 import typer
 
 from guards.base import Guard, GuardInput, Stage
-from guards.policy import CATEGORY_NAMES, Policy, PolicyError, load_policy
+from guards.policy import CATEGORY_NAMES, Policy
+from guards.policy_loader import PolicyError, load_policy
 from model.engine import ChatTurn, ImagePart, TextPart
 
 policy_app = typer.Typer(

@@ -25,7 +25,8 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from guards.pipeline import GuardMetrics
-from guards.policy import Policy, PolicyError, load_policy_bytes
+from guards.policy import Policy
+from guards.policy_loader import PolicyError, load_policy_bytes
 
 log = structlog.get_logger("guards.policy_store")
 

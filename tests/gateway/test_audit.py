@@ -17,7 +17,8 @@ from gateway.redis_conn import make_client
 from guards.base import GuardInput
 from guards.decision import Decision
 from guards.pipeline import GuardPipeline
-from guards.policy import Policy, parse_policy
+from guards.policy import Policy
+from guards.policy_loader import parse_policy
 from model.engine import ChatTurn, TextPart
 from tests.gateway.conftest import requires_redis
 from tests.gateway.processes import Server

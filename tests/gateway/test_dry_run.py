@@ -10,8 +10,8 @@ from pathlib import Path
 from gateway import dry_run
 from guards.base import Guard, GuardInput, GuardVerdict
 from guards.pipeline import GuardPipeline
-from guards.policy import load_policy
 from guards.policy_cli import EvalLine, guard_input
+from guards.policy_loader import load_policy
 from guards.registry import build_guards
 
 POLICY = Path(__file__).resolve().parents[2] / "policies" / "default.yaml"
@@ -104,7 +104,7 @@ async def _check_dry_run_logs() -> None:
 
 
 async def test_dry_run_decided_by_names_a_guard_whose_failure_blocked() -> None:
-    from guards.policy import parse_policy
+    from guards.policy_loader import parse_policy
 
     # llama_guard is required here but has no weights: it fails, and the policy blocks.
     policy = parse_policy(

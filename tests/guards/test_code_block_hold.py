@@ -16,7 +16,7 @@ from guards.code_scan import CodeScanner
 from guards.code_shield import CodeShieldGuard
 from guards.decision import Decision
 from guards.pipeline import GuardPipeline
-from guards.policy import parse_policy
+from guards.policy_loader import parse_policy
 from guards.stream_moderator import StreamModerator
 from model.engine import ChatTurn, TextPart
 

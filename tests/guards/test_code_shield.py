@@ -11,7 +11,7 @@ from guards.base import GuardInput
 from guards.code_scan import CodeScanner, ScanFailed
 from guards.code_shield import CodeShieldGuard, code_blocks, looks_like_code
 from guards.pipeline import GuardPipeline
-from guards.policy import parse_policy
+from guards.policy_loader import parse_policy
 from model.engine import ChatTurn, TextPart
 
 SQLI_PY = """import sqlite3

@@ -9,7 +9,8 @@ import pytest
 from guards.base import CategoryScore, GuardVerdict, Severity
 from guards.content_filter import choice_results, prompt_filter_results
 from guards.decision import decide
-from guards.policy import Policy, parse_policy
+from guards.policy import Policy
+from guards.policy_loader import parse_policy
 
 BASE = """
 version: 3

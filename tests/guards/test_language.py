@@ -11,7 +11,7 @@ from guards.base import GuardInput
 from guards.decision import Decision
 from guards.language import LanguageGuard
 from guards.pipeline import GuardPipeline
-from guards.policy import PolicyError, load_policy, parse_policy
+from guards.policy_loader import PolicyError, load_policy, parse_policy
 from model.engine import ChatTurn, ImagePart, TextPart
 
 POLICY = """

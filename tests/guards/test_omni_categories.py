@@ -9,7 +9,7 @@ from guards.base import CategoryScore, Guard, GuardInput, GuardVerdict, Stage
 from guards.coverage import cannot_judge, hint, missing_required, stage_coverage
 from guards.decision import decide
 from guards.omni_categories import OMNI_CATEGORIES, moderation_result
-from guards.policy import load_policy, parse_policy
+from guards.policy_loader import load_policy, parse_policy
 
 DEFAULT = load_policy(Path(__file__).resolve().parents[2] / "policies" / "default.yaml")
 CODES = tuple(f"S{i}" for i in range(1, 14))

@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry
 from guards.base import CategoryScore, Guard, GuardInput, GuardVerdict, Stage
 from guards.jailbreak_heuristic import JailbreakHeuristicGuard
 from guards.pipeline import GuardMetrics, GuardPipeline, GuardPipelines
-from guards.policy import Policy, load_policy, parse_policy
+from guards.policy import Policy
+from guards.policy_loader import load_policy, parse_policy
 from model.engine import ChatTurn, TextPart
 
 POLICY_DIR = Path(__file__).resolve().parents[2] / "policies"

@@ -9,14 +9,8 @@ import pytest
 from guards.base import GuardInput
 from guards.blocklist import BlocklistGuard
 from guards.decision import decide
-from guards.policy import (
-    CATEGORY_NAMES,
-    DEFAULT_LLAMA_GUARD_MAP,
-    Policy,
-    PolicyError,
-    load_policy,
-    parse_policy,
-)
+from guards.policy import CATEGORY_NAMES, DEFAULT_LLAMA_GUARD_MAP, Policy
+from guards.policy_loader import PolicyError, load_policy, parse_policy
 from model.engine import ChatTurn, TextPart
 
 POLICY_DIR = Path(__file__).resolve().parents[2] / "policies"

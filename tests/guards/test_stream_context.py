@@ -6,7 +6,7 @@ import random
 import unicodedata
 
 from guards import blocklist
-from guards.policy import parse_policy
+from guards.policy_loader import parse_policy
 from guards.stream_context import (
     MIN_CONTEXT_CHARS,
     MODEL_GUARD_CONTEXT_CHARS,

@@ -18,7 +18,8 @@ from guards.base import Guard, GuardInput, GuardVerdict, Stage
 from guards.blocklist import BlocklistGuard
 from guards.decision import Decision
 from guards.pipeline import GuardPipeline
-from guards.policy import Policy, parse_policy
+from guards.policy import Policy
+from guards.policy_loader import parse_policy
 from guards.stream_context import stream_context_chars
 from guards.stream_moderator import StreamModerator
 from model.engine import ChatTurn, TextPart
