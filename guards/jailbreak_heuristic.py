@@ -2,10 +2,11 @@
 
 Each signal (`guards.jailbreak_signals`) belongs to a family of well-known attacks (instruction
 override, DAN and "modes", "you are no longer bound", system-prompt extraction, role-play
-overrides, encoded payloads, forged turn or role headers, fake authority). A family counts once, with its strongest signal's
-weight; families combine as independent evidence: `score = 1 - prod(1 - w)`. One strong signal
-(an explicit "ignore all previous instructions") is enough for `high`; weak signals (a mention of
-"jailbreak", "stay in character", a long base64 blob) only count together.
+overrides, encoded payloads, forged turn or role headers, fake authority). A family counts
+once, with its strongest signal's weight; families combine as independent evidence:
+`score = 1 - prod(1 - w)`. One strong signal (an explicit "ignore all previous instructions") is
+enough for `high`; weak signals (a mention of "jailbreak", "stay in character", a long base64
+blob) only count together.
 
 Where the text comes from decides the category:
 - the user's turns -> `jailbreak` (a direct attack by the client);

@@ -4,22 +4,10 @@ Loading (a local directory, never a hub id): the text models with `AutoTokenizer
 `AutoModelForCausalLM`; the vision model (config `model_type == "mllama"`) with `AutoProcessor`
 + `MllamaForConditionalGeneration`.
 
-The prompt is rendered by the checkpoint's own chat template, which carries the category list
-and its quirks. Custom `categories` and `excluded_category_keys` go through the template's
-arguments when it takes them (1B, 11B-Vision); for a template with a fixed list (8B) the list
-inside the template text is replaced by the same rendering (`key: description` lines), so the
-three behave alike. User text is tokenised with `sanitize_control_tokens=True`: a user who
-writes `<|eot_id|>` or `<|image|>` gets those characters as plain text, not as control tokens
-that could end the conversation early or inject an image slot.
-
-Conversation given to the model (the template wants strictly alternating user/assistant turns):
-system text is folded into the first user turn (API users write system messages too), text
-parts of a turn are joined with newlines, consecutive turns of one role are merged, a leading
-assistant turn gets an empty user turn before it. Input stage (prompt classification): the
-conversation up to its last user turn; the template then asks about the last `User` message.
-Output stage (response classification): the completion is appended as an assistant turn; the
-template asks about the last `Agent` message. Only the vision model sees an image: the most
-recent image of a user turn (the model takes one); text models ignore images.
+The prompt (the checkpoint's chat template with the policy's categories) and the conversation
+the model is given: `guards.llama_guard_prompt`. The batch as model inputs (left padding, the
+vision model's image features): `guards.llama_guard_inputs`. The answer's parser:
+`guards.llama_guard_parser`.
 
 Scoring: the template ends at `<|start_header_id|>assistant<|end_header_id|>` without a newline
 and the model's first token is `\\n\\n`; that token (looked up with the tokenizer, 271 in the real
@@ -61,7 +49,6 @@ each group gets its own forward pass; image rows batch together (each has exactl
 from __future__ import annotations
 
 import pathlib
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -77,23 +64,15 @@ from transformers import (
     GenerationConfig,
     MllamaForConditionalGeneration,
 )
-from transformers.models.mllama.processing_mllama import (
-    convert_sparse_cross_attention_mask_to_dense,
-    get_cross_attention_token_mask,
-)
 
 from guards._device import device_and_dtype
 from guards.base import CategoryScore, GuardInput, GuardVerdict, Stage, severity_from_score
+from guards.llama_guard_inputs import image_inputs, padded_inputs
 from guards.llama_guard_parser import LlamaGuardParseError, parse_llama_guard_output
+from guards.llama_guard_prompt import LlamaGuardPrompt
 from guards.micro_batcher import BatchingGuard
-from model.engine import ImagePart, TextPart
 
 DEFAULT_THRESHOLD = 0.5
-_BLOCK = re.compile(
-    r"<BEGIN UNSAFE ?CONTENT CATEGORIES>\n(?P<body>.*?)<END UNSAFE CONTENT CATEGORIES>", re.S
-)
-_CODE_LINE = re.compile(r"^(S\d+): ", re.M)
-_PROBE = "LLAMA-GUARD-PROBE-5f0c"
 
 
 @dataclass
@@ -106,10 +85,6 @@ class _Prepared:
     code_q: dict[str, float] = field(default_factory=dict)
     verdict: GuardVerdict | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _jinja_string_escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("'", "\\'")
 
 
 class LlamaGuard(BatchingGuard):
@@ -146,7 +121,7 @@ class LlamaGuard(BatchingGuard):
         self.processor: Any = None
         model: Any
         if self.vision:
-            self.processor = AutoProcessor.from_pretrained(path)
+            self.processor = AutoProcessor.from_pretrained(path)  # type: ignore[no-untyped-call]
             self.tokenizer: Any = self.processor.tokenizer
             template = self.processor.chat_template or self.tokenizer.chat_template
             model = MllamaForConditionalGeneration.from_pretrained(path, dtype=self.dtype)
@@ -162,18 +137,14 @@ class LlamaGuard(BatchingGuard):
         self.model = model.to(self.device).eval()
         self.context_length = int(getattr(text_config, "max_position_embeddings", 131072))
 
-        # Categories: through the template's arguments, or by rewriting its fixed list.
-        self.template_takes_categories = "excluded_category_keys" in template
-        self.template_kwargs: dict[str, Any] = {}
-        if self.template_takes_categories:
-            self.template_kwargs["excluded_category_keys"] = list(excluded_category_keys)
-            if categories is not None:
-                self.template_kwargs["categories"] = dict(categories)
-        elif categories is not None or excluded_category_keys:
-            template = self._rewrite_fixed_categories(template, categories, excluded_category_keys)
-        self.chat_template = template
-        self.parts_content = self._probe_content_format()
-        self.valid_codes = self._rendered_codes()
+        self.prompt = LlamaGuardPrompt(
+            self.tokenizer,
+            template,
+            vision=self.vision,
+            categories=categories,
+            excluded_category_keys=excluded_category_keys,
+        )
+        self.valid_codes = self.prompt.valid_codes
 
         # Token ids of the verdict, looked up (never hard-coded).
         self.nn_id = self._single_token("\n\n")
@@ -219,121 +190,19 @@ class LlamaGuard(BatchingGuard):
             return [], {}
         return prefix[n:], tokens
 
-    @staticmethod
-    def _rewrite_fixed_categories(
-        template: str, categories: Mapping[str, str] | None, excluded: Sequence[str]
-    ) -> str:
-        match = _BLOCK.search(template)
-        if match is None or len(_BLOCK.findall(template)) != 1:
-            raise ValueError("cannot find the category list in this chat template")
-        body = match.group("body")
-        if categories is None:  # the template's own list (already template text), minus excluded
-            lines = [line for line in body.splitlines() if line.strip()]
-            kept = [line for line in lines if line.split(":", 1)[0] not in set(excluded)]
-        else:  # new text inside the template's string literal: escape it
-            kept = [
-                _jinja_string_escape(f"{k}: {v}")
-                for k, v in categories.items()
-                if k not in set(excluded)
-            ]
-        new_body = "".join(line + "\n" for line in kept)
-        return template[: match.start("body")] + new_body + template[match.end("body") :]
+    # --- the prompt (`guards.llama_guard_prompt`) ------------------------------------------
 
-    def _render(self, conversation: list[dict[str, Any]]) -> str:
-        text = self.tokenizer.apply_chat_template(
-            conversation, chat_template=self.chat_template, tokenize=False, **self.template_kwargs
-        )
-        return str(text)
-
-    def _probe_content_format(self) -> bool:
-        """True when the template reads a list of parts, False when it reads strings (8B)."""
-        parts = [{"role": "user", "content": [{"type": "text", "text": _PROBE}]}]
-        try:
-            if _PROBE in self._render(parts):
-                return True
-        except Exception:  # the 8B template calls .strip() on the content
-            pass
-        if _PROBE in self._render([{"role": "user", "content": _PROBE}]):
-            return False
-        raise ValueError("this chat template does not render a conversation's text")
-
-    def _rendered_codes(self) -> tuple[str, ...]:
-        prompt = self._render(self._messages([("user", _PROBE)], with_image=False))
-        match = _BLOCK.search(prompt)
-        codes = tuple(_CODE_LINE.findall(match.group("body"))) if match else ()
-        if not codes:
-            raise ValueError("the rendered prompt lists no S<n> categories")
-        return codes
-
-    # --- conversations -----------------------------------------------------------------------
-
-    def _turns(self, item: GuardInput) -> tuple[list[tuple[str, str]], Image | None]:
-        """(role, text) pairs that alternate user/assistant, starting with user; and the image."""
-        system: list[str] = []
-        turns: list[tuple[str, str]] = []
-        image: Image | None = None
-        for turn in item.messages:
-            text = "\n".join(p.text for p in turn.parts if isinstance(p, TextPart))
-            if turn.role == "system":
-                system.append(text)
-                continue
-            # A tool result is content brought into the conversation on the user's side:
-            # Llama Guard knows only User and Agent turns.
-            turns.append(("user" if turn.role == "tool" else turn.role, text))
-            if turn.role == "user":
-                images = [p.image for p in turn.parts if isinstance(p, ImagePart)]
-                if images:
-                    image = images[-1]  # the most recent user image wins
-        if item.stage == "input":
-            while turns and turns[-1][0] != "user":
-                turns.pop()
-        else:
-            turns.append(("assistant", item.completion or ""))
-        merged: list[list[str]] = []
-        for role, text in turns:
-            if merged and merged[-1][0] == role:
-                merged[-1][1] = f"{merged[-1][1]}\n\n{text}"
-            else:
-                merged.append([role, text])
-        if not merged or merged[0][0] != "user":
-            merged.insert(0, ["user", ""])
-        if system:
-            merged[0][1] = "\n\n".join([*system, merged[0][1]]).strip("\n")
-        return [(role, text) for role, text in merged], image if self.vision else None
-
-    def _messages(self, turns: list[tuple[str, str]], *, with_image: bool) -> list[dict[str, Any]]:
-        if not self.parts_content:
-            return [{"role": role, "content": text} for role, text in turns]
-        messages: list[dict[str, Any]] = []
-        for i, (role, text) in enumerate(turns):
-            content: list[dict[str, Any]] = [{"type": "text", "text": text}]
-            if with_image and i == 0:  # the template only asks whether an image is present
-                content.insert(0, {"type": "image"})
-            messages.append({"role": role, "content": content})
-        return messages
+    @property
+    def judged_categories(self) -> frozenset[str]:
+        return frozenset(self.valid_codes)
 
     def conversation(self, item: GuardInput) -> tuple[list[dict[str, Any]], Image | None]:
         """The template messages for `item`, and the image the vision model will see."""
-        turns, image = self._turns(item)
-        return self._messages(turns, with_image=image is not None), image
+        return self.prompt.conversation(item)
 
     def render_prompt(self, item: GuardInput) -> str:
         """The prompt text exactly as the template renders it (for logs and tests)."""
-        messages, _ = self.conversation(item)
-        return self._render(messages)
-
-    def _prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(
-            messages,
-            chat_template=self.chat_template,
-            tokenize=True,
-            return_dict=False,
-            sanitize_control_tokens=True,
-            **self.template_kwargs,
-        )
-        if ids and isinstance(ids[0], list):  # some tokenizers return a batch of one
-            ids = ids[0]
-        return [int(i) for i in ids]
+        return self.prompt.render_prompt(item)
 
     # --- synchronous work (runs in the batcher's thread) --------------------------------------
 
@@ -345,8 +214,8 @@ class LlamaGuard(BatchingGuard):
         budget = self.context_length - 1 - len(self.unsafe_ids) - self.max_new_tokens
         for index, item in enumerate(items):
             try:
-                messages, image = self.conversation(item)
-                ids = [*self._prompt_ids(messages), self.nn_id]
+                messages, image = self.prompt.conversation(item)
+                ids = [*self.prompt.token_ids(messages), self.nn_id]
             except Exception as exc:  # a conversation the template refuses: this item fails
                 verdicts[index] = self._error(f"cannot render the prompt: {exc}")
                 continue
@@ -376,32 +245,16 @@ class LlamaGuard(BatchingGuard):
 
     def _inputs(self, seqs: list[list[int]], images: list[Image | None]) -> dict[str, Any]:
         """Left-padded tensors (with the image features for a group of image items)."""
-        length = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), length), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            input_ids[row, length - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            attention_mask[row, length - len(seq) :] = 1
-        inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        inputs = padded_inputs(seqs, self.pad_id)
         if images and images[0] is not None:
-            feats = self.processor.image_processor(
-                images=[[img] for img in images], return_tensors="pt"
+            rows = [img for img in images if img is not None]
+            inputs |= image_inputs(
+                inputs["input_ids"],
+                rows,
+                processor=self.processor,
+                image_token_id=self.image_token_id,
+                dtype=self.dtype,
             )
-            num_tiles = feats.pop("num_tiles")
-            token_masks = [
-                get_cross_attention_token_mask(row, self.image_token_id)
-                for row in input_ids.tolist()
-            ]
-            dense = convert_sparse_cross_attention_mask_to_dense(
-                token_masks,
-                num_tiles=num_tiles,
-                max_num_tiles=self.processor.image_processor.max_image_tiles,
-                length=length,
-            )
-            inputs["cross_attention_mask"] = torch.from_numpy(dense)
-            inputs["pixel_values"] = feats["pixel_values"].to(self.dtype)
-            inputs["aspect_ratio_ids"] = feats["aspect_ratio_ids"]
-            inputs["aspect_ratio_mask"] = feats["aspect_ratio_mask"]
         return {k: v.to(self.device) for k, v in inputs.items()}
 
     @torch.inference_mode()
@@ -437,7 +290,7 @@ class LlamaGuard(BatchingGuard):
         seqs = [[*p.ids, *self.unsafe_ids] for p in group]
         inputs = self._inputs(seqs, [p.image for p in group])
         length = inputs["input_ids"].shape[1]
-        config = GenerationConfig(
+        config = GenerationConfig(  # type: ignore[no-untyped-call]
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
             eos_token_id=self.eos_ids,
