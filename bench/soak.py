@@ -112,6 +112,9 @@ def send(port: int, key: str, request: Request) -> str:
         data = resp.read()
         if request.stream and resp.status == 200 and b"data: [DONE]" not in data:
             return "stream-cut"
+        if resp.status >= 500:  # which failure: the envelope's code (503:redis_unavailable)
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                return f"{resp.status}:{json.loads(data)['error']['code']}"
         return str(resp.status)
     except (OSError, http.client.HTTPException) as exc:
         return type(exc).__name__
