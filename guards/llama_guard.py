@@ -82,10 +82,10 @@ from transformers.models.mllama.processing_mllama import (
     get_cross_attention_token_mask,
 )
 
-from guards._device import device_and_dtype
 from guards.base import CategoryScore, GuardInput, GuardVerdict, Stage, severity_from_score
 from guards.llama_guard_parser import LlamaGuardParseError, parse_llama_guard_output
 from guards.micro_batcher import BatchingGuard
+from model.device import device_and_dtype
 from model.engine import ImagePart, TextPart
 
 DEFAULT_THRESHOLD = 0.5

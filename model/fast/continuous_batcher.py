@@ -9,7 +9,7 @@ Each step, in this order:
    `0..n-1` (slots are handed out lowest first, so the busy ones are packed at the front).
 3. Vision: the images of the oldest newcomers go through the encoder (at most
    `vision_tiles_per_step` tiles, at least one request's), unless their hash is cached; their
-   cross-attention K/V are written into the slot once.
+   cross-attention K/V are written into the slot once (`model.fast.vision_step`).
 4. Prefill: the oldest newcomers' next prompt tokens in one right-padded forward of at most
    `prefill_chunk_tokens` (rows x widest chunk) and `max_prefill_seqs` rows. A long prompt
    thus takes several steps, each with a decode step of the others in between; a request
@@ -43,6 +43,7 @@ from model.fast.graphs import DecodeGraphs
 from model.fast.kv_cache import ImageStateCache, StaticKVCache
 from model.fast.sampling import SlotSampler
 from model.fast.sequence import FastSequence, PreparedImages
+from model.fast.vision_step import VisionStep
 from model.grammar import RowGrammar
 from model.logprobs import TokenBytes
 
@@ -72,6 +73,7 @@ class ContinuousBatcher:
         self.image_cache = image_cache
         self.graphs = graphs
         self.constraints = SlotConstraints(sampler.vocab_size, self.eos, token_bytes)
+        self.vision = VisionStep(forward, cache, config, image_cache)
         self._waiting: deque[FastSequence] = deque()
         self._running: list[FastSequence] = []  # slot holders, in admission order
         self._cond = threading.Condition()
@@ -253,7 +255,7 @@ class ContinuousBatcher:
         if decoding:
             self._decode(decoding)
         try:
-            self._encode_vision()
+            self.vision.run(self._running)
             self._prefill()
         except Exception as exc:  # a newcomer's images or prompt: the decoding rows go on
             log.exception("fast_prefill_failed")
@@ -333,66 +335,6 @@ class ContinuousBatcher:
         for seq, token in zip(seqs, chosen, strict=True):
             seq.cached += 1
             self._accept(seq, token)
-
-    # -- vision ------------------------------------------------------------------------------
-    def _encode_vision(self) -> None:
-        """Encode the oldest newcomers' images in one vision call (up to the tile budget)."""
-        chosen: list[FastSequence] = []
-        tiles = 0
-        for seq in self._running:
-            if seq.vision_ready or seq.done or seq.images is None or seq.slot is None:
-                continue
-            need = sum(seq.images.tiles)
-            if chosen and tiles + need > self.config.vision_tiles_per_step:
-                break
-            chosen.append(seq)
-            tiles += need
-        if not chosen:
-            return
-        states = self._vision_states([s.images for s in chosen if s.images is not None])
-        for seq, per_image in zip(chosen, states, strict=True):
-            assert seq.slot is not None and seq.tile_mask is not None
-            joined = torch.cat(per_image, dim=0)
-            self.forward.write_cross_kv(seq.slot, joined)
-            seq.vision_tokens = int(joined.shape[0])
-            last = seq.tile_mask[-1].repeat_interleave(self.forward.tokens_per_tile)
-            self.cache.set_vision_mask(seq.slot, last.to(self.forward.device))
-            seq.vision_ready = True
-
-    def _vision_states(self, requests: list[PreparedImages]) -> list[list[torch.Tensor]]:
-        """Projected states of every image of every request: cached, or encoded in one call.
-
-        The encoder treats each image on its own, so images of different requests can share a
-        call (the processor pads every image to `max_num_tiles`, so their tensors stack).
-        """
-        cache = self.image_cache
-        found: dict[bytes, torch.Tensor] = {}
-        missing: dict[bytes, tuple[int, int]] = {}  # key -> (request, image) to encode
-        for r, images in enumerate(requests):
-            for i, key in enumerate(images.keys):
-                if key in found or key in missing:
-                    continue
-                hit = cache.get(key) if cache is not None else None
-                if hit is not None:
-                    found[key] = hit
-                else:
-                    missing[key] = (r, i)
-        if missing:
-            where = list(missing.values())
-
-            def stack(name: str) -> torch.Tensor:
-                return torch.cat(
-                    [getattr(requests[r], name)[:, i : i + 1] for r, i in where], dim=1
-                )
-
-            encoded = self.forward.encode_images(
-                stack("pixel_values"), stack("aspect_ratio_ids"), stack("aspect_ratio_mask")
-            )
-            for key, got in zip(missing, encoded, strict=True):
-                found[key] = got
-                if cache is not None:
-                    cache.put(key, got)
-        return [[found[key] for key in images.keys] for images in requests]
 
     # -- prefill -----------------------------------------------------------------------------
     def _prefill(self) -> None:
