@@ -25,7 +25,6 @@ that fails alone is the guilty one. A failed decode step fails only the rows it 
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -46,11 +45,14 @@ from model.fast.sequence import FastSequence, PreparedImages
 from model.fast.vision_step import VisionStep
 from model.grammar import RowGrammar
 from model.logprobs import TokenBytes
+from model.worker_thread import WorkerThread
 
 log = structlog.get_logger(__name__)
 
 
-class ContinuousBatcher:
+class ContinuousBatcher(WorkerThread[FastSequence]):
+    thread_name = "mllama-fast"
+
     def __init__(
         self,
         forward: FastForward,
@@ -64,6 +66,7 @@ class ContinuousBatcher:
         graphs: DecodeGraphs | None = None,
         token_bytes: TokenBytes | None = None,
     ) -> None:
+        super().__init__()
         self.forward = forward
         self.cache = cache
         self.sampler = sampler
@@ -76,10 +79,7 @@ class ContinuousBatcher:
         self.vision = VisionStep(forward, cache, config, image_cache)
         self._waiting: deque[FastSequence] = deque()
         self._running: list[FastSequence] = []  # slot holders, in admission order
-        self._cond = threading.Condition()
-        self._stopping = False
         self._paused = False
-        self._thread: threading.Thread | None = None
         self.steps = 0
         self.max_running = 0
         self.tokens_out = 0  # sampled tokens, all requests (throughput: read between steps)
@@ -138,12 +138,6 @@ class ContinuousBatcher:
             self._waiting.append(seq)
             self._cond.notify()
 
-    def cancel(self, seq: FastSequence) -> None:
-        """Mark cancelled; the worker frees its slot (or queue place) at the next step."""
-        seq.cancelled = True
-        with self._cond:
-            self._cond.notify()
-
     def pause(self) -> None:
         """Hold the worker before its next step (requests still queue); `resume` lets it go.
 
@@ -166,20 +160,10 @@ class ContinuousBatcher:
     def waiting_count(self) -> int:
         return len(self._waiting)
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._work, name="mllama-fast", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        with self._cond:
-            self._stopping = True
-            for seq in [*self._waiting, *self._running]:
-                seq.cancelled = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
     # -- worker ----------------------------------------------------------------------------
+    def _requests(self) -> list[FastSequence]:
+        return [*self._waiting, *self._running]
+
     def _work(self) -> None:
         with torch.inference_mode():  # thread-local: set in the worker itself
             while self._admit():
