@@ -1,10 +1,10 @@
 """`FastMllamaEngine`: the `Engine` interface over the fast forward and continuous batching.
 
 Loading, the prompt encoder, grammars and token counting are `model.mllama_base`'s (shared with
-the batch engine); only the decode loop is ours. The static caches are sized once at
-start from a memory budget. The event loop never waits on the model: the processor runs in a
-thread (`asyncio.to_thread`), the model in the batcher's worker thread, and events come back
-through an `asyncio.Queue`.
+the batch engine); only the decode loop is ours. The static caches are sized once at start from
+a memory budget. The event loop never waits on the model: the processor runs in a thread
+(`asyncio.to_thread`), the model in the batcher's worker thread, and events come back through
+an `asyncio.Queue`.
 """
 
 from __future__ import annotations
