@@ -157,7 +157,7 @@ class ChatService:
         turns = await self._turns(request.messages)
         tools = tools_json(request)
         probe = EngineRequest("probe", turns, request.sampling_params(1), tools_json=tools)
-        if getattr(engine, "cheap_token_count", False):
+        if engine.cheap_token_count:
             prompt_tokens = engine.count_prompt_tokens(probe)
         else:  # tokenizing a long prompt must not block the event loop
             prompt_tokens = await asyncio.to_thread(engine.count_prompt_tokens, probe)

@@ -217,7 +217,7 @@ class ModerationService:
             return sum(engine.count_prompt_tokens(p) for p in probes)
 
         # As chat does: a cheap count inline, a real tokenizer off the event loop.
-        cheap = getattr(engine, "cheap_token_count", False)
+        cheap = engine.cheap_token_count
         text = count() if cheap else await asyncio.to_thread(count)
         if engine.info.image_placeholder_usage:  # each image's placeholder -> its tokens
             text -= len(images)

@@ -1,6 +1,6 @@
 """Function calling with Llama 3.1/3.2's JSON format, as the checkpoint's chat template defines it.
 
-The template (checked in `model/demo_model.py`, a verbatim copy of the checkpoint's) takes
+The template (checked in `model/llama_chat_template.py`, a verbatim copy of the checkpoint's) takes
 `tools` and, by default, writes them into the first user message, asking for
 `{"name": function name, "parameters": dictionary of argument name and its value}`; an assistant
 turn may carry exactly one tool call ("This model only supports single tool-calls at once!"),

@@ -65,12 +65,12 @@ from transformers import (
     MllamaForConditionalGeneration,
 )
 
-from guards._device import device_and_dtype
 from guards.base import CategoryScore, GuardInput, GuardVerdict, Stage, severity_from_score
 from guards.llama_guard_inputs import image_inputs, padded_inputs
 from guards.llama_guard_parser import LlamaGuardParseError, parse_llama_guard_output
 from guards.llama_guard_prompt import LlamaGuardPrompt
 from guards.micro_batcher import BatchingGuard
+from model.device import device_and_dtype
 
 DEFAULT_THRESHOLD = 0.5
 

@@ -37,9 +37,9 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from guards._device import device_and_dtype
 from guards.base import CategoryScore, GuardInput, GuardVerdict, Stage, severity_from_score
 from guards.micro_batcher import BatchingGuard
+from model.device import device_and_dtype
 
 DEFAULT_THRESHOLD = 0.9  # Meta's recommended threshold for both versions
 

@@ -1,4 +1,3 @@
-# ruff: noqa: E501  (the chat template below is kept verbatim, long lines included)
 """A tiny, randomly initialised Llama 3.2-Vision checkpoint for demos and tests.
 
 `build_demo_model(out_dir)` writes, with `save_pretrained` only, a directory laid out like
@@ -40,7 +39,9 @@ from transformers import (
     MllamaProcessor,
     PreTrainedTokenizerFast,
 )
-from transformers.utils import is_torchvision_available
+from transformers.utils.import_utils import is_torchvision_available
+
+from model.llama_chat_template import CHAT_TEMPLATE
 
 TILE_SIZE = 56
 MAX_IMAGE_TILES = 4
@@ -63,132 +64,6 @@ SPECIAL_TOKENS = [f"<|{n}|>" for n in _NAMES.split()]
 SPECIAL_TOKENS += [f"<|reserved_special_token_{i}|>" for i in range(3, 8)]
 IMAGE_TOKEN = "<|image|>"
 EOS_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")  # generation_config
-
-# The chat template of meta-llama/Llama-3.2-11B-Vision-Instruct (chat_template.json), current
-# revision: a user-supplied system message may accompany images (the first revision raised
-# "Prompting with images is incompatible with system messages"). Taken from public copies of the
-# checkpoint's template, not retyped; keep it verbatim, quirks included (a system message whose
-# content is a list of parts is rendered through `|trim`, i.e. as the list's repr).
-CHAT_TEMPLATE = """{{- bos_token }}
-{%- if custom_tools is defined %}
-    {%- set tools = custom_tools %}
-{%- endif %}
-{%- if not tools_in_user_message is defined %}
-    {%- set tools_in_user_message = true %}
-{%- endif %}
-{%- if not date_string is defined %}
-    {%- if strftime_now is defined %}
-        {%- set date_string = strftime_now("%d %b %Y") %}
-    {%- else %}
-        {%- set date_string = "26 Jul 2024" %}
-    {%- endif %}
-{%- endif %}
-{%- if not tools is defined %}
-    {%- set tools = none %}
-{%- endif %}
-
-{#- This block extracts the system message, so we can slot it into the right place. #}
-{%- if messages[0]['role'] == 'system' %}
-    {%- set system_message = messages[0]['content']|trim %}
-    {%- set messages = messages[1:] %}
-    {%- set user_supplied_system_message = true %}
-{%- else %}
-    {%- set system_message = "" %}
-    {%- set user_supplied_system_message = false %}
-{%- endif %}
-
-{#- Find out if there are any images #}
-{% set image_ns = namespace(has_images=false) %}
-{%- for message in messages %}
-    {%- for content in message['content'] %}
-        {%- if content['type'] == 'image' %}
-            {%- set image_ns.has_images = true %}
-        {%- endif %}
-    {%- endfor %}
-{%- endfor %}
-
-{#- System message if there are no images, or if the user supplied one #}
-{%- if user_supplied_system_message or not image_ns.has_images %}
-    {{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
-    {%- if tools is not none %}
-        {{- "Environment: ipython\\n" }}
-    {%- endif %}
-    {{- "Cutting Knowledge Date: December 2023\\n" }}
-    {{- "Today Date: " + date_string + "\\n\\n" }}
-    {%- if tools is not none and not tools_in_user_message %}
-        {{- "You have access to the following functions. To call a function, please respond with JSON for a function call." }}
-        {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
-        {{- "Do not use variables.\\n\\n" }}
-        {%- for t in tools %}
-            {{- t | tojson(indent=4) }}
-            {{- "\\n\\n" }}
-        {%- endfor %}
-    {%- endif %}
-    {{- system_message }}
-    {{- "<|eot_id|>" }}
-{%- endif %}
-
-{#- Custom tools are passed in a user message with some extra guidance #}
-{%- if tools_in_user_message and not tools is none %}
-    {#- Extract the first user message so we can plug it in here #}
-    {%- if messages | length != 0 %}
-        {%- set first_user_message = messages[0]['content']|trim %}
-        {%- set messages = messages[1:] %}
-    {%- else %}
-        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
-{%- endif %}
-    {{- '<|start_header_id|>user<|end_header_id|>\\n\\n' -}}
-    {{- "Given the following functions, please respond with a JSON for a function call " }}
-    {{- "with its proper arguments that best answers the given prompt.\\n\\n" }}
-    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
-    {{- "Do not use variables.\\n\\n" }}
-    {%- for t in tools %}
-        {{- t | tojson(indent=4) }}
-        {{- "\\n\\n" }}
-    {%- endfor %}
-    {{- first_user_message + "<|eot_id|>"}}
-{%- endif %}
-
-{%- for message in messages %}
-    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
-    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}
-        {%- if message['content'] is string %}
-            {{- message['content'] }}
-        {%- else %}
-            {%- for content in message['content'] %}
-                {%- if content['type'] == 'image' %}
-                    {{- '<|image|>' }}
-                {%- elif content['type'] == 'text' %}
-                    {{- content['text'] }}
-                {%- endif %}
-            {%- endfor %}
-        {%- endif %}
-        {{- '<|eot_id|>' }}
-    {%- elif 'tool_calls' in message %}
-        {%- if not message.tool_calls|length == 1 %}
-            {{- raise_exception("This model only supports single tool-calls at once!") }}
-        {%- endif %}
-        {%- set tool_call = message.tool_calls[0].function %}
-        {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}
-        {{- '{"name": "' + tool_call.name + '", ' }}
-        {{- '"parameters": ' }}
-        {{- tool_call.arguments | tojson }}
-        {{- "}" }}
-        {{- "<|eot_id|>" }}
-    {%- elif message.role == "tool" or message.role == "ipython" %}
-        {{- "<|start_header_id|>ipython<|end_header_id|>\\n\\n" }}
-        {%- if message.content is mapping or message.content is iterable %}
-            {{- message.content | tojson }}
-        {%- else %}
-            {{- message.content }}
-        {%- endif %}
-        {{- "<|eot_id|>" }}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
-{%- endif %}
-"""
 
 CORPUS = """\
 The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs!
@@ -245,7 +120,7 @@ def _build_tokenizer() -> PreTrainedTokenizerFast:
         ]
     )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(  # type: ignore[call-arg]
+    trainer = trainers.BpeTrainer(
         vocab_size=BPE_VOCAB_SIZE,
         min_frequency=1,
         show_progress=False,
@@ -268,7 +143,7 @@ def _build_tokenizer() -> PreTrainedTokenizerFast:
             ),
         ]
     )
-    return PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok,
         bos_token=bos,
         eos_token="<|eot_id|>",
@@ -349,14 +224,14 @@ def build_demo_model(out_dir: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = _build_tokenizer()
-    processor = MllamaProcessor(
+    processor = MllamaProcessor(  # type: ignore[no-untyped-call]
         image_processor=_build_image_processor(), tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
     )
     config = _build_config(tokenizer)
     text: Any = config.text_config
     with torch.random.fork_rng(devices=[]):  # seeded init, global RNG state left untouched
         torch.manual_seed(seed)
-        model = MllamaForConditionalGeneration(config).float().eval()
+        model = MllamaForConditionalGeneration(config).float().eval()  # type: ignore[no-untyped-call]
     with torch.no_grad():  # the gates start at zero: open them so that images matter
         for name, param in model.named_parameters():
             if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
@@ -367,7 +242,8 @@ def build_demo_model(out_dir: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
         # `strftime_now`), so tests that need a long answer broke from one day to the next.
         # Sampled answers can still end (rarely); stop strings and max_tokens end the rest.
         model.lm_head.weight[text.eos_token_id] = 0.0
-    model.generation_config = GenerationConfig(  # the real checkpoint's sampling defaults
+    # The real checkpoint's sampling defaults.
+    model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
         bos_token_id=text.bos_token_id,
         eos_token_id=text.eos_token_id,
         pad_token_id=text.pad_token_id,

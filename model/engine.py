@@ -153,10 +153,21 @@ class EngineInfo:
 
 @runtime_checkable
 class Engine(Protocol):
-    """Anything that turns chat requests into streams of text."""
+    """Anything that turns chat requests into streams of text.
+
+    The engines subclass it explicitly: they inherit the defaults of the optional members
+    (`cheap_token_count`), and a member they lack is an error where they are built (mypy:
+    an abstract class), not where a request first reads it.
+    """
 
     @property
     def info(self) -> EngineInfo: ...
+
+    @property
+    def cheap_token_count(self) -> bool:
+        """True when `count_prompt_tokens` costs microseconds (an estimate, no tokenizer): the
+        gateway then counts on the event loop instead of in a thread."""
+        return False
 
     def ready(self) -> bool:
         """True once weights are loaded and requests can be served."""

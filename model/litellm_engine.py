@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from model.engine import EngineEvent, EngineInfo, EngineRequest, TextDelta
+from model.engine import Engine, EngineEvent, EngineInfo, EngineRequest, TextDelta
 from model.errors import UpstreamBadResponse, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from model.openai_wire import (
     PromptCounter,
@@ -97,7 +97,7 @@ def _causes(exc: BaseException) -> list[BaseException]:
     return seen
 
 
-class LiteLLMEngine:
+class LiteLLMEngine(Engine):
     """`Engine` over litellm; litellm is imported at `start()` (it takes seconds)."""
 
     def __init__(self, config: LiteLLMConfig) -> None:

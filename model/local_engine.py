@@ -1,8 +1,7 @@
-"""The local engine: Llama 3.2-Vision through transformers, loaded from a local directory.
+"""The batch engine: Llama 3.2-Vision through transformers' forward, with a batching scheduler.
 
-Loading goes through `AutoProcessor.from_pretrained(path)` and
-`MllamaForConditionalGeneration.from_pretrained(path)`: the same code for the demo model and for
-real weights. bf16 on CUDA, float32 on the CPU.
+Loading, the prompt encoder, grammars and token counting are `model.mllama_base`'s (shared with
+the fast engine); this module adds the scheduler that runs batches through `MllamaRunner`.
 """
 
 from __future__ import annotations
@@ -10,44 +9,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import structlog
-import torch
 
-from model.encoding import PromptEncoder
 from model.engine import EngineEvent, EngineInfo, EngineRequest, Finished
 from model.errors import EngineError
-from model.grammar import GrammarBook
-from model.logprobs import TokenBytes
-from model.prompt import PromptRenderer
+from model.mllama_base import MllamaEngineBase
 from model.runner import MllamaRunner
 from model.scheduler import BatchScheduler, queue_emitter
 
 log = structlog.get_logger(__name__)
 
-END_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
 
-
-def eos_ids(processor: Any, model: Any) -> set[int]:
-    """Token ids that end a completion: Llama's end tokens and the generation config's."""
-    tokenizer = processor.tokenizer
-    eos = {tid for t in END_TOKENS if (tid := tokenizer.convert_tokens_to_ids(t)) is not None}
-    eos.discard(tokenizer.unk_token_id)
-    gen_eos = model.generation_config.eos_token_id
-    eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos else [])
-    return eos
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "cpu":
-        return torch.device("cpu")
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-class LocalMllamaEngine:
+class LocalMllamaEngine(MllamaEngineBase):
     """`Engine` over a local Mllama checkpoint with a batching scheduler."""
 
     def __init__(
@@ -59,17 +33,10 @@ class LocalMllamaEngine:
         max_batch_size: int = 8,
         context_length: int | None = None,
     ) -> None:
-        self._path = Path(model_path)
-        self._model_id = model_id
-        self._device = pick_device(device)
-        self._dtype = torch.bfloat16 if self._device.type == "cuda" else torch.float32
+        super().__init__(model_path, model_id=model_id, device=device)
         self._max_batch = max_batch_size
         self._context_override = context_length
-        self._processor: Any = None
-        self._model: Any = None
         self._scheduler: BatchScheduler | None = None
-        self._encoder: PromptEncoder | None = None
-        self._grammars: GrammarBook | None = None
         self._context_length = context_length or 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -84,27 +51,14 @@ class LocalMllamaEngine:
         )
 
     def _load(self) -> None:
-        from transformers import AutoProcessor, MllamaForConditionalGeneration
-
-        processor = AutoProcessor.from_pretrained(self._path)
-        model = MllamaForConditionalGeneration.from_pretrained(self._path, dtype=self._dtype)
-        model = model.to(self._device).eval()  # type: ignore[arg-type]
-        text_config = model.config.get_text_config(decoder=True)
-        self._context_length = self._context_override or int(text_config.max_position_embeddings)
-        # The one owner of the processor: request threads count through it while the
-        # scheduler thread encodes batches (a shared fast tokenizer is not thread-safe).
-        encoder = PromptEncoder(processor)
-        runner = MllamaRunner(model, encoder.pad_id, self._device)
-        eos = eos_ids(processor, model)
-        self._grammars = GrammarBook(processor.tokenizer, runner.vocab_size, eos)
+        self._load_checkpoint()
+        self._context_length = self._context_override or self._max_positions()
+        runner = MllamaRunner(self._model, self.encoder.pad_id, self._device)
+        eos = self._end_tokens()
+        self._build_grammars(runner.vocab_size, eos)
         self._scheduler = BatchScheduler(
-            runner,
-            encoder,
-            eos,
-            self._max_batch,
-            TokenBytes(processor.tokenizer, lambda: self.grammars.decoded_vocab),
+            runner, self.encoder, eos, self._max_batch, self._token_bytes()
         )
-        self._processor, self._model, self._encoder = processor, model, encoder
         self._scheduler.start()
 
     async def stop(self) -> None:
@@ -116,13 +70,8 @@ class LocalMllamaEngine:
 
     @property
     def info(self) -> EngineInfo:
-        return EngineInfo(
-            model_id=self._model_id,
-            context_length=self._context_length,
-            max_batch_size=self._max_batch,
-            device=str(self._device),
-            dtype=str(self._dtype).removeprefix("torch."),
-            image_placeholder_usage=True,
+        return self._engine_info(
+            context_length=self._context_length, max_batch_size=self._max_batch
         )
 
     @property
@@ -131,40 +80,11 @@ class LocalMllamaEngine:
             raise EngineError("the engine is not loaded yet")
         return self._scheduler
 
-    @property
-    def grammars(self) -> GrammarBook:
-        if self._grammars is None:
-            raise EngineError("the engine is not loaded yet")
-        return self._grammars
-
-    @property
-    def encoder(self) -> PromptEncoder:
-        if self._encoder is None:
-            raise EngineError("the engine is not loaded yet")
-        return self._encoder
-
-    @property
-    def renderer(self) -> PromptRenderer:
-        return self.encoder.renderer
-
-    @property
-    def processor(self) -> Any:
-        return self._processor
-
-    @property
-    def model(self) -> Any:
-        return self._model
-
     # -- requests --------------------------------------------------------------------------
-    def count_prompt_tokens(self, request: EngineRequest) -> int:
-        return self.encoder.count(request.messages, request.tools_json)
-
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
         scheduler = self.scheduler
         prompt, images = self.encoder.render(request.messages, request.tools_json)
-        schema = request.sampling.json_schema
-        # Compiling a new schema takes milliseconds to seconds: never on the scheduler's thread.
-        grammar = await asyncio.to_thread(self.grammars.row, schema) if schema else None
+        grammar = await self._grammar(request)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
         seq = scheduler.new_sequence(request, prompt, images, queue_emitter(loop, queue), grammar)

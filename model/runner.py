@@ -39,7 +39,8 @@ class MllamaRunner:
     def _forward(self, **inputs: Any) -> torch.Tensor:
         with torch.inference_mode():
             out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :]
+        logits: torch.Tensor = out.logits[:, -1, :]
+        return logits
 
     def prefill(self, rows: list[EncodedPrompt]) -> tuple[torch.Tensor, BatchState]:
         """Run the encoded prompts (left-padded here) and return next-token logits [B, V]."""

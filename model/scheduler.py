@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from model.grammar import RowGrammar, mask_rows
 from model.logprobs import TokenBytes, token_logprob
 from model.runner import MllamaRunner
 from model.sampling import TokenSampler
+from model.worker_thread import WorkerThread
 
 log = structlog.get_logger(__name__)
 
@@ -88,7 +88,9 @@ def queue_emitter(
     return emit
 
 
-class BatchScheduler:
+class BatchScheduler(WorkerThread[ScheduledRequest]):
+    thread_name = "mllama-scheduler"
+
     def __init__(
         self,
         runner: MllamaRunner,
@@ -97,6 +99,7 @@ class BatchScheduler:
         max_batch_size: int,
         token_bytes: TokenBytes | None = None,
     ) -> None:
+        super().__init__()
         self._runner = runner
         self._encoder = encoder
         # Decoding only reads the tokenizer (encoding.py: its state never changes after start).
@@ -106,9 +109,6 @@ class BatchScheduler:
         self._max_batch = max(1, max_batch_size)
         self._pending: deque[ScheduledRequest] = deque()
         self._active: list[ScheduledRequest] = []
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
         self.batches_run = 0
         self.last_batch_size = 0
 
@@ -139,12 +139,6 @@ class BatchScheduler:
             self._pending.append(seq)
             self._cond.notify()
 
-    def cancel(self, seq: ScheduledRequest) -> None:
-        """Mark cancelled; the worker drops it before its next step (or before it starts)."""
-        seq.cancelled = True
-        with self._cond:
-            self._cond.notify()
-
     @property
     def active_count(self) -> int:
         """Requests currently in a running batch."""
@@ -154,20 +148,10 @@ class BatchScheduler:
     def pending_count(self) -> int:
         return len(self._pending)
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._work, name="mllama-scheduler", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        with self._cond:
-            self._stopping = True
-            for seq in list(self._pending) + self._active:
-                seq.cancelled = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
     # -- worker --------------------------------------------------------------------------
+    def _requests(self) -> list[ScheduledRequest]:
+        return list(self._pending) + self._active
+
     def _take_batch(self) -> list[ScheduledRequest] | None:
         with self._cond:
             while True:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from model.engine import EngineEvent, EngineInfo, EngineRequest
+from model.engine import Engine, EngineEvent, EngineInfo, EngineRequest
 from model.errors import (
     ConnectTimeout,
     HTTPError,
@@ -89,7 +89,7 @@ class UpstreamConfig:
         return self.upstream_model or self.model_id
 
 
-class OpenAIUpstreamEngine:
+class OpenAIUpstreamEngine(Engine):
     """`Engine` over an OpenAI-compatible `/chat/completions` (vLLM, TGI, this gateway, ...).
 
     The client is `model.http1` (an asyncio protocol with httptools), not httpx or aiohttp: it

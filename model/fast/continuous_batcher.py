@@ -9,7 +9,7 @@ Each step, in this order:
    `0..n-1` (slots are handed out lowest first, so the busy ones are packed at the front).
 3. Vision: the images of the oldest newcomers go through the encoder (at most
    `vision_tiles_per_step` tiles, at least one request's), unless their hash is cached; their
-   cross-attention K/V are written into the slot once.
+   cross-attention K/V are written into the slot once (`model.fast.vision_step`).
 4. Prefill: the oldest newcomers' next prompt tokens in one right-padded forward of at most
    `prefill_chunk_tokens` (rows x widest chunk) and `max_prefill_seqs` rows. A long prompt
    thus takes several steps, each with a decode step of the others in between; a request
@@ -25,7 +25,6 @@ that fails alone is the guilty one. A failed decode step fails only the rows it 
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -43,13 +42,17 @@ from model.fast.graphs import DecodeGraphs
 from model.fast.kv_cache import ImageStateCache, StaticKVCache
 from model.fast.sampling import SlotSampler
 from model.fast.sequence import FastSequence, PreparedImages
+from model.fast.vision_step import VisionStep
 from model.grammar import RowGrammar
 from model.logprobs import TokenBytes
+from model.worker_thread import WorkerThread
 
 log = structlog.get_logger(__name__)
 
 
-class ContinuousBatcher:
+class ContinuousBatcher(WorkerThread[FastSequence]):
+    thread_name = "mllama-fast"
+
     def __init__(
         self,
         forward: FastForward,
@@ -63,6 +66,7 @@ class ContinuousBatcher:
         graphs: DecodeGraphs | None = None,
         token_bytes: TokenBytes | None = None,
     ) -> None:
+        super().__init__()
         self.forward = forward
         self.cache = cache
         self.sampler = sampler
@@ -72,12 +76,10 @@ class ContinuousBatcher:
         self.image_cache = image_cache
         self.graphs = graphs
         self.constraints = SlotConstraints(sampler.vocab_size, self.eos, token_bytes)
+        self.vision = VisionStep(forward, cache, config, image_cache)
         self._waiting: deque[FastSequence] = deque()
         self._running: list[FastSequence] = []  # slot holders, in admission order
-        self._cond = threading.Condition()
-        self._stopping = False
         self._paused = False
-        self._thread: threading.Thread | None = None
         self.steps = 0
         self.max_running = 0
         self.tokens_out = 0  # sampled tokens, all requests (throughput: read between steps)
@@ -136,12 +138,6 @@ class ContinuousBatcher:
             self._waiting.append(seq)
             self._cond.notify()
 
-    def cancel(self, seq: FastSequence) -> None:
-        """Mark cancelled; the worker frees its slot (or queue place) at the next step."""
-        seq.cancelled = True
-        with self._cond:
-            self._cond.notify()
-
     def pause(self) -> None:
         """Hold the worker before its next step (requests still queue); `resume` lets it go.
 
@@ -164,20 +160,10 @@ class ContinuousBatcher:
     def waiting_count(self) -> int:
         return len(self._waiting)
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._work, name="mllama-fast", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        with self._cond:
-            self._stopping = True
-            for seq in [*self._waiting, *self._running]:
-                seq.cancelled = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
     # -- worker ----------------------------------------------------------------------------
+    def _requests(self) -> list[FastSequence]:
+        return [*self._waiting, *self._running]
+
     def _work(self) -> None:
         with torch.inference_mode():  # thread-local: set in the worker itself
             while self._admit():
@@ -253,7 +239,7 @@ class ContinuousBatcher:
         if decoding:
             self._decode(decoding)
         try:
-            self._encode_vision()
+            self.vision.run(self._running)
             self._prefill()
         except Exception as exc:  # a newcomer's images or prompt: the decoding rows go on
             log.exception("fast_prefill_failed")
@@ -333,66 +319,6 @@ class ContinuousBatcher:
         for seq, token in zip(seqs, chosen, strict=True):
             seq.cached += 1
             self._accept(seq, token)
-
-    # -- vision ------------------------------------------------------------------------------
-    def _encode_vision(self) -> None:
-        """Encode the oldest newcomers' images in one vision call (up to the tile budget)."""
-        chosen: list[FastSequence] = []
-        tiles = 0
-        for seq in self._running:
-            if seq.vision_ready or seq.done or seq.images is None or seq.slot is None:
-                continue
-            need = sum(seq.images.tiles)
-            if chosen and tiles + need > self.config.vision_tiles_per_step:
-                break
-            chosen.append(seq)
-            tiles += need
-        if not chosen:
-            return
-        states = self._vision_states([s.images for s in chosen if s.images is not None])
-        for seq, per_image in zip(chosen, states, strict=True):
-            assert seq.slot is not None and seq.tile_mask is not None
-            joined = torch.cat(per_image, dim=0)
-            self.forward.write_cross_kv(seq.slot, joined)
-            seq.vision_tokens = int(joined.shape[0])
-            last = seq.tile_mask[-1].repeat_interleave(self.forward.tokens_per_tile)
-            self.cache.set_vision_mask(seq.slot, last.to(self.forward.device))
-            seq.vision_ready = True
-
-    def _vision_states(self, requests: list[PreparedImages]) -> list[list[torch.Tensor]]:
-        """Projected states of every image of every request: cached, or encoded in one call.
-
-        The encoder treats each image on its own, so images of different requests can share a
-        call (the processor pads every image to `max_num_tiles`, so their tensors stack).
-        """
-        cache = self.image_cache
-        found: dict[bytes, torch.Tensor] = {}
-        missing: dict[bytes, tuple[int, int]] = {}  # key -> (request, image) to encode
-        for r, images in enumerate(requests):
-            for i, key in enumerate(images.keys):
-                if key in found or key in missing:
-                    continue
-                hit = cache.get(key) if cache is not None else None
-                if hit is not None:
-                    found[key] = hit
-                else:
-                    missing[key] = (r, i)
-        if missing:
-            where = list(missing.values())
-
-            def stack(name: str) -> torch.Tensor:
-                return torch.cat(
-                    [getattr(requests[r], name)[:, i : i + 1] for r, i in where], dim=1
-                )
-
-            encoded = self.forward.encode_images(
-                stack("pixel_values"), stack("aspect_ratio_ids"), stack("aspect_ratio_mask")
-            )
-            for key, got in zip(missing, encoded, strict=True):
-                found[key] = got
-                if cache is not None:
-                    cache.put(key, got)
-        return [[found[key] for key in images.keys] for images in requests]
 
     # -- prefill -----------------------------------------------------------------------------
     def _prefill(self) -> None:

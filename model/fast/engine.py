@@ -1,10 +1,10 @@
 """`FastMllamaEngine`: the `Engine` interface over the fast forward and continuous batching.
 
-Loading is unchanged (`AutoProcessor` and `MllamaForConditionalGeneration.from_pretrained`, bf16
-on CUDA, float32 on the CPU); only the decode loop is ours. The static caches are sized once at
-start from a memory budget. The event loop never waits on the model: the processor runs in a
-thread (`asyncio.to_thread`), the model in the batcher's worker thread, and events come back
-through an `asyncio.Queue`.
+Loading, the prompt encoder, grammars and token counting are `model.mllama_base`'s (shared with
+the batch engine); only the decode loop is ours. The static caches are sized once at start from
+a memory budget. The event loop never waits on the model: the processor runs in a thread
+(`asyncio.to_thread`), the model in the batcher's worker thread, and events come back through
+an `asyncio.Queue`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import structlog
 import torch
 from PIL.Image import Image
 
-from model.encoding import PromptEncoder
 from model.engine import EngineEvent, EngineInfo, EngineRequest, Finished
 from model.errors import EngineError, InputRejected
 from model.fast.config import FastEngineConfig
@@ -30,10 +29,7 @@ from model.fast.graphs import DecodeGraphs
 from model.fast.kv_cache import CacheGeometry, ImageStateCache, StaticKVCache, plan_slots
 from model.fast.sampling import SlotSampler
 from model.fast.sequence import PreparedImages
-from model.grammar import GrammarBook
-from model.local_engine import eos_ids, pick_device
-from model.logprobs import TokenBytes
-from model.prompt import PromptRenderer
+from model.mllama_base import MllamaEngineBase
 from model.scheduler import queue_emitter
 
 log = structlog.get_logger(__name__)
@@ -47,7 +43,7 @@ def image_key(image: Image) -> bytes:
     return digest.digest()
 
 
-class FastMllamaEngine:
+class FastMllamaEngine(MllamaEngineBase):
     """`Engine` over a local Mllama checkpoint: static slots, continuous batching."""
 
     def __init__(
@@ -59,16 +55,8 @@ class FastMllamaEngine:
         config: FastEngineConfig | None = None,
         eos_token_ids: Iterable[int] | None = None,
     ) -> None:
-        self._path = Path(model_path) if model_path is not None else None
-        self._model_id = model_id
-        self._device = pick_device(device)
-        self._dtype = torch.bfloat16 if self._device.type == "cuda" else torch.float32
+        super().__init__(model_path, model_id=model_id, device=device, eos_token_ids=eos_token_ids)
         self.config = config or FastEngineConfig()
-        self._eos_override = None if eos_token_ids is None else set(eos_token_ids)
-        self._processor: Any = None
-        self._model: Any = None
-        self._encoder: PromptEncoder | None = None
-        self._grammars: GrammarBook | None = None
         self._batcher: ContinuousBatcher | None = None
         self._graphs: DecodeGraphs | None = None
         self._slots = 0
@@ -88,10 +76,8 @@ class FastMllamaEngine:
         eos_token_ids: Iterable[int] | None = None,
     ) -> FastMllamaEngine:
         """An engine over an already loaded model and processor (tests, benchmarks)."""
-        param = next(model.parameters())
         engine = cls(None, model_id=model_id, config=config, eos_token_ids=eos_token_ids)
-        engine._device, engine._dtype = param.device, param.dtype
-        engine._model, engine._processor = model, processor
+        engine._adopt(model, processor)
         return engine
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -109,21 +95,9 @@ class FastMllamaEngine:
         )
 
     def _load(self) -> None:
-        if self._model is None:
-            from transformers import AutoProcessor, MllamaForConditionalGeneration
-
-            if self._path is None:
-                raise EngineError("no model path and no loaded model")
-            processor = AutoProcessor.from_pretrained(self._path)
-            model = MllamaForConditionalGeneration.from_pretrained(self._path, dtype=self._dtype)
-            self._model = model.to(self._device).eval()  # type: ignore[arg-type]
-            self._processor = processor
-        model, processor = self._model, self._processor
-        # The one owner of the processor: every tokenizer call (counting in request threads,
-        # encoding in `prepare`) goes through it (a shared fast tokenizer is not thread-safe).
-        self._encoder = PromptEncoder(processor)
-        text = model.config.get_text_config(decoder=True)
-        self._max_len = min(self.config.max_len, int(text.max_position_embeddings))
+        self._load_checkpoint()
+        model = self._model
+        self._max_len = min(self.config.max_len, self._max_positions())
         geometry = CacheGeometry.from_model(
             model,
             max_len=self._max_len,
@@ -164,19 +138,19 @@ class FastMllamaEngine:
         image_cache = None
         if self.config.image_cache_bytes > 0:
             image_cache = ImageStateCache(self.config.image_cache_bytes)
-        eos = self._eos_override if self._eos_override is not None else eos_ids(processor, model)
+        eos = self._end_tokens()
         self._batcher = ContinuousBatcher(
             forward,
             cache,
             SlotSampler(slots, geometry.vocab_size, self._device),
-            processor.tokenizer,
+            self.encoder.tokenizer,
             eos,
             self.config,
             image_cache=image_cache,
             graphs=self._graphs,
-            token_bytes=TokenBytes(processor.tokenizer, lambda: self.grammars.decoded_vocab),
+            token_bytes=self._token_bytes(),
         )
-        self._grammars = GrammarBook(processor.tokenizer, geometry.vocab_size, eos)
+        self._build_grammars(geometry.vocab_size, eos)
         self._slots = slots
         self._batcher.start()
 
@@ -199,18 +173,14 @@ class FastMllamaEngine:
 
     @property
     def info(self) -> EngineInfo:
-        return EngineInfo(
-            model_id=self._model_id,
+        return self._engine_info(
             context_length=self._max_len,
             max_batch_size=self._slots,
-            device=str(self._device),
-            dtype=str(self._dtype).removeprefix("torch."),
             extra={
                 "engine": "fast",
                 "slots": str(self._slots),
                 "cuda_graphs": str(self._graphs is not None and self._graphs.capture).lower(),
             },
-            image_placeholder_usage=True,
         )
 
     @property
@@ -220,37 +190,10 @@ class FastMllamaEngine:
         return self._batcher
 
     @property
-    def grammars(self) -> GrammarBook:
-        if self._grammars is None:
-            raise EngineError("the engine is not loaded yet")
-        return self._grammars
-
-    @property
-    def encoder(self) -> PromptEncoder:
-        if self._encoder is None:
-            raise EngineError("the engine is not loaded yet")
-        return self._encoder
-
-    @property
-    def renderer(self) -> PromptRenderer:
-        return self.encoder.renderer
-
-    @property
-    def processor(self) -> Any:
-        return self._processor
-
-    @property
-    def model(self) -> Any:
-        return self._model
-
-    @property
     def graphs(self) -> DecodeGraphs | None:
         return self._graphs
 
     # -- requests ----------------------------------------------------------------------------
-    def count_prompt_tokens(self, request: EngineRequest) -> int:
-        return self.encoder.count(request.messages, request.tools_json)
-
     def prepare(
         self, prompt: str, images: list[Image]
     ) -> tuple[torch.Tensor, torch.Tensor | None, PreparedImages | None]:
@@ -287,9 +230,7 @@ class FastMllamaEngine:
             log.exception("fast_prepare_failed", request_id=request.request_id)
             yield Finished("error", 0, 0, f"{type(exc).__name__}: {exc}")
             return
-        schema = request.sampling.json_schema
-        # Compiling a new schema takes milliseconds to seconds: never on the worker's thread.
-        grammar = await asyncio.to_thread(self.grammars.row, schema) if schema else None
+        grammar = await self._grammar(request)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
         seq = batcher.new_sequence(

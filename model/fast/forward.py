@@ -172,7 +172,7 @@ class FastForward:
         """Rotated q `[..., heads, D]`, rotated k and v `[..., kv_heads, D]` from one GEMM."""
         qkv_weight = self.weights[idx].qkv
         assert qkv_weight is not None
-        qkv = F.linear(x, qkv_weight).unflatten(-1, (-1, self.head_dim))
+        qkv = F.linear(x, qkv_weight).unflatten(-1, (-1, self.head_dim))  # type: ignore[no-untyped-call]
         split = self.num_heads + self.kv_heads
         qk = RotaryTables.rotate(qkv[..., :split, :], cos, sin)
         return qk[..., : self.num_heads, :], qk[..., self.num_heads :, :], qkv[..., split:, :]
@@ -217,10 +217,12 @@ class FastForward:
         out = attn.o_proj(out)
         h = h + layer.cross_attn_attn_gate.tanh() * (gate * out)
         mlp = self.weights[idx].mlp(rms_norm(layer.post_attention_layernorm, h))
-        return h + layer.cross_attn_mlp_gate.tanh() * (gate * mlp)
+        gated: torch.Tensor = h + layer.cross_attn_mlp_gate.tanh() * (gate * mlp)
+        return gated
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(rms_norm(self.norm, h)).float()
+        logits: torch.Tensor = self.lm_head(rms_norm(self.norm, h)).float()
+        return logits
 
     # -- decode ----------------------------------------------------------------------------
     def decode(self, inp: DecodeInputs) -> torch.Tensor:

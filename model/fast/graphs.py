@@ -74,7 +74,7 @@ class DecodeGraphs:
             }
             # fullgraph: a graph break (a host sync, data-dependent Python) or going past the
             # limit fails loudly here rather than running eagerly or inside a capture.
-            self._fn = torch.compile(  # type: ignore[assignment]
+            self._fn = torch.compile(
                 forward.decode, dynamic=False, fullgraph=True, backend=compile_backend
             )
         self._graphs: dict[tuple[int, int, int], _Captured] = {}
@@ -149,7 +149,7 @@ class DecodeGraphs:
             out.copy_(self._call(static))  # compiles now, as a capture would
             return _Captured(graph=None, inputs=static, logits=out)
         # Warm up on a side stream (cuBLAS handles, autotuning, compilation) before capture.
-        side = torch.cuda.Stream()
+        side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):

@@ -41,7 +41,8 @@ def fuse_linears(modules: Sequence[nn.Linear]) -> torch.Tensor:
     key = tuple(id(m) for m in modules)
     marks = [getattr(m, _FUSED, None) for m in modules]
     if all(mark is not None and mark[1] == key for mark in marks):
-        return marks[0][0]  # type: ignore[index]
+        shared: torch.Tensor = marks[0][0]  # type: ignore[index]
+        return shared
     fused = torch.cat([m.weight.detach() for m in modules])
     offset = 0
     for m in modules:

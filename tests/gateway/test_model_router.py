@@ -21,7 +21,7 @@ from gateway.model_routes_file import (
     parse_routes,
 )
 from gateway.settings import Settings
-from model.engine import EngineEvent, EngineInfo, EngineRequest, Finished
+from model.engine import Engine, EngineEvent, EngineInfo, EngineRequest, Finished
 from model.errors import UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
 from model.litellm_engine import LiteLLMEngine
 from model.upstream import OpenAIUpstreamEngine, UpstreamConfig
@@ -37,7 +37,7 @@ CHART_ROUTES = f"""routes:
 """
 
 
-class FakeLocal:
+class FakeLocal(Engine):
     """Stands in for the transformers engine: records the settings it was built with."""
 
     built: ClassVar[list[Any]] = []
@@ -45,7 +45,11 @@ class FakeLocal:
     def __init__(self, settings: Any) -> None:
         FakeLocal.built.append(settings)
         self.started = False
-        self.info = EngineInfo(settings.model_id, 4096, 1, "cpu", "float32")
+        self._info = EngineInfo(settings.model_id, 4096, 1, "cpu", "float32")
+
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
 
     def ready(self) -> bool:
         return self.started
