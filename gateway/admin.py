@@ -1,11 +1,11 @@
 """Admin API for API keys: `POST/GET /admin/keys`, `GET/PATCH/DELETE /admin/keys/{id}`.
 
-Mount with `app.include_router(gateway.admin.router)`. The router reads its dependencies from
-`request.app.state`:
+Mount with `app.include_router(gateway.admin.router)`. The routes take their dependencies as
+parameters (FastAPI `Depends`, from the app's `gateway.services`):
 
-- `settings`: the gateway `Settings` (`admin_token`);
+- `request_settings`: the gateway `Settings` (`admin_token`);
 - `key_store`: the app's `gateway.keys.KeyStore`;
-- `policy_exists` (optional): `Callable[[str], bool]`; when present, unknown policy names get 400.
+- `policy_exists`: `Callable[[str], bool]`, whether a policy is loaded (unknown names get 400).
 
 `POST /admin/keys` with `"key": "sk-..."` imports an operator's own key (`sk-`, 20-256
 printable ASCII characters): 201 as for a new key, or 409 (`code: "key_exists"`, naming the
@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from gateway.auth import check_admin_token
 from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound
 from gateway.keys import KeyStore, plain_key_problem
+from gateway.services import ServicesDep, SettingsDep
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -64,9 +65,9 @@ class PatchKeyBody(_Body):
     disabled: bool | None = None
 
 
-def require_admin(request: Request) -> None:
+async def require_admin(request: Request, settings: SettingsDep) -> None:
     """Dependency: 404 when the admin API is disabled, 401 on a wrong or missing token."""
-    token = getattr(request.app.state.settings, "admin_token", None)
+    token = settings.admin_token
     if not token:
         raise NotFound(
             "The admin API is disabled: set GATEWAY_ADMIN_TOKEN to enable it.",
@@ -78,10 +79,17 @@ def require_admin(request: Request) -> None:
         )
 
 
-def _store(request: Request) -> KeyStore:
-    store: KeyStore = request.app.state.key_store
-    return store
+async def key_store(services: ServicesDep) -> KeyStore:
+    return services.key_store
 
+
+async def policy_exists(services: ServicesDep) -> Callable[[str], bool]:
+    """Whether a policy of that name is loaded: a key may name only such a policy."""
+    return services.guards.store.__contains__
+
+
+KeyStoreDep = Annotated[KeyStore, Depends(key_store)]
+PolicyExistsDep = Annotated[Callable[[str], bool], Depends(policy_exists)]
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
@@ -136,7 +144,7 @@ def _parse_time(value: str) -> datetime:
         ) from None
 
 
-def _changes(request: Request, body: _Body) -> dict[str, Any]:
+def _changes(body: _Body, policy_exists: Callable[[str], bool]) -> dict[str, Any]:
     """The fields the client sent (explicit null included: it means unlimited / no expiry)."""
     changes: dict[str, Any] = {f: getattr(body, f) for f in body.model_fields_set}
     for f in ("name", "disabled"):
@@ -145,52 +153,55 @@ def _changes(request: Request, body: _Body) -> dict[str, Any]:
     if changes.get("expires_at") is not None:
         changes["expires_at"] = _parse_time(changes["expires_at"])
     policy = changes.get("policy")
-    exists: Callable[[str], bool] | None = getattr(request.app.state, "policy_exists", None)
-    if policy is not None and exists is not None and not exists(policy):
+    if policy is not None and not policy_exists(policy):
         raise InvalidRequest(f"Unknown policy '{policy}'.", param="policy")
     return changes
 
 
 @router.post("/keys", status_code=201)
-async def create_key(request: Request) -> JSONResponse:
+async def create_key(
+    request: Request, store: KeyStoreDep, policy_exists: PolicyExistsDep
+) -> JSONResponse:
     body = await _parse(request, CreateKeyBody)
-    changes = _changes(request, body)
+    changes = _changes(body, policy_exists)
     name = changes.pop("name")
     imported = changes.pop("key", None)
     if imported is not None and (problem := plain_key_problem(imported)):
         raise InvalidRequest(f"Invalid value for 'key': {problem}.", param="key")
     # An imported key that exists already: 409 (code key_exists) naming its id.
-    key, plain, _ = await _store(request).create(name, plain_key=imported, **changes)
+    key, plain, _ = await store.create(name, plain_key=imported, **changes)
     # The only time the plain key leaves the gateway (an imported one: echoed back).
     return JSONResponse({**key.public(), "key": plain}, status_code=201)
 
 
 @router.get("/keys")
-async def list_keys(request: Request) -> JSONResponse:
-    keys = await _store(request).list()
+async def list_keys(store: KeyStoreDep) -> JSONResponse:
+    keys = await store.list()
     return JSONResponse({"object": "list", "data": [k.public() for k in keys]})
 
 
 @router.get("/keys/{key_id}")
-async def get_key(key_id: str, request: Request) -> JSONResponse:
-    key = await _store(request).get(key_id)
+async def get_key(key_id: str, store: KeyStoreDep) -> JSONResponse:
+    key = await store.get(key_id)
     if key is None:
         raise _not_found(key_id)
     return JSONResponse(key.public())
 
 
 @router.patch("/keys/{key_id}")
-async def patch_key(key_id: str, request: Request) -> JSONResponse:
+async def patch_key(
+    key_id: str, request: Request, store: KeyStoreDep, policy_exists: PolicyExistsDep
+) -> JSONResponse:
     body = await _parse(request, PatchKeyBody)
-    key = await _store(request).update(key_id, **_changes(request, body))
+    key = await store.update(key_id, **_changes(body, policy_exists))
     if key is None:
         raise _not_found(key_id)
     return JSONResponse(key.public())
 
 
 @router.delete("/keys/{key_id}", status_code=204)
-async def delete_key(key_id: str, request: Request) -> Response:
-    if not await _store(request).delete(key_id):
+async def delete_key(key_id: str, store: KeyStoreDep) -> Response:
+    if not await store.delete(key_id):
         raise _not_found(key_id)
     return Response(status_code=204)
 

@@ -28,7 +28,7 @@ from gateway import dry_run, policy_files
 from gateway.admin import require_admin
 from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.guard_services import GuardServices
-from gateway.images import ImageLoader
+from gateway.services import ServicesDep
 from gateway.settings import PROJECT_ROOT
 from guards.policy import Policy
 from guards.policy_store import PolicyNotFound
@@ -86,11 +86,6 @@ async def _parse(request: Request, model: type[M]) -> M:
         raise InvalidRequest(f"Invalid value for '{param}': {err['msg']}.", param=param) from None
 
 
-def _services(request: Request) -> GuardServices:
-    guards: GuardServices = request.app.state.guards
-    return guards
-
-
 def _row(guards: GuardServices, name: str) -> dict[str, Any] | None:
     return next((r for r in guards.store.status() if r["name"] == name), None)
 
@@ -110,8 +105,8 @@ def _saved(guards: GuardServices, name: str) -> Policy:
 
 
 @router.get("/overview")
-async def overview(request: Request) -> JSONResponse:
-    guards = _services(request)
+async def overview(services: ServicesDep) -> JSONResponse:
+    guards = services.guards
     available = list(guards.guards)
     rows = []
     for row in guards.store.status():
@@ -139,8 +134,8 @@ async def datasets() -> JSONResponse:
 
 
 @router.get("/{name}/source")
-async def source(name: str, request: Request) -> JSONResponse:
-    guards = _services(request)
+async def source(name: str, services: ServicesDep) -> JSONResponse:
+    guards = services.guards
     if _row(guards, name) is None:
         raise NotFound(f"No policy named '{name}'.", param="name")
     src = await asyncio.to_thread(policy_files.read_source, _file_for(guards, name))
@@ -172,8 +167,8 @@ async def validate(request: Request) -> JSONResponse:
 
 
 @router.put("/{name}")
-async def save(name: str, request: Request) -> JSONResponse:
-    guards = _services(request)
+async def save(name: str, request: Request, services: ServicesDep) -> JSONResponse:
+    guards = services.guards
     body = await _parse(request, SaveBody)
     file = _file_for(guards, name)
     policy = policy_files.validate(body.yaml, file.name)
@@ -196,8 +191,8 @@ def _draft_policy(text: str) -> Policy:
 
 
 @router.post("/dry-run")
-async def dry_run_endpoint(request: Request) -> JSONResponse:
-    guards = _services(request)
+async def dry_run_endpoint(request: Request, services: ServicesDep) -> JSONResponse:
+    guards = services.guards
     body = await _parse(request, DryRunBody)
     if body.draft is None and body.policy is None:
         raise InvalidRequest("Send 'policy' (a saved policy's name) or 'draft' (YAML).")
@@ -208,9 +203,8 @@ async def dry_run_endpoint(request: Request) -> JSONResponse:
         raise NotFound(f"No policy named '{body.policy}' is loaded.", param="policy")
     image = None
     if body.image:
-        loader: ImageLoader = request.app.state.images  # the app's (its limits, one client)
-        try:
-            image = await loader.load(body.image)
+        try:  # the app's loader: its limits, one client
+            image = await services.images.load(body.image)
         except GatewayError as exc:
             exc.param = "image"
             raise
@@ -229,8 +223,8 @@ async def dry_run_endpoint(request: Request) -> JSONResponse:
 
 
 @router.post("/evaluate")
-async def evaluate(request: Request) -> JSONResponse:
-    guards = _services(request)
+async def evaluate(request: Request, services: ServicesDep) -> JSONResponse:
+    guards = services.guards
     body = await _parse(request, EvaluateBody)
     if body.jsonl is not None:
         text = body.jsonl
@@ -254,7 +248,6 @@ async def evaluate(request: Request) -> JSONResponse:
         if name is not None and (draft is None or name in guards.store)
         else None
     )
-    loader: ImageLoader = request.app.state.images
-    images = await dry_run.load_images(lines, loader, DATASETS_DIR)
+    images = await dry_run.load_images(lines, services.images, DATASETS_DIR)
     result = await dry_run.evaluate(saved, draft, guards.guards, lines, images)
     return JSONResponse(result)

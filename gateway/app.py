@@ -42,6 +42,7 @@ from gateway.openapi import describe_raw_routes
 from gateway.public_api import CHAT_PATH, ChatCompletions, router
 from gateway.ratelimit import RateLimiter
 from gateway.redis_conn import RedisConnection, RedisMetrics
+from gateway.services import AppState, Services, app_state
 from gateway.settings import Settings
 from model.engine import Engine
 from model.errors import ModelError
@@ -159,42 +160,44 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = app.state
-        state.background = set()
+        state = app_state(app)
         redis_conn = await RedisConnection.open(settings)
         redis_metrics = RedisMetrics(metrics.registry)
         key_store = KeyStore.from_settings(settings, redis_conn.client, metrics=redis_metrics)
-        state.redis, state.key_store = redis_conn, key_store
         router = ModelRouter.from_settings(settings, lambda s: engine or build_engine(s))
-        state.router = router
         # The bootstrap key (and the demo's): registered now, restored if Redis loses it.
-        state.configured_keys = configured = ConfiguredKeys.from_settings(key_store, settings)
-        state.auth = AuthService(
-            key_store,
-            canonical_model=router.canonical_model_id,
-            failure_mode=settings.redis_failure_mode,
-            configured=configured,
-        )
-        state.limiter = RateLimiter.from_settings(
-            settings, redis_conn.client, metrics=redis_metrics
-        )
+        configured = ConfiguredKeys.from_settings(key_store, settings)
+        auth = AuthService.from_settings(key_store, settings, router, configured=configured)
+        limiter = RateLimiter.from_settings(settings, redis_conn.client, metrics=redis_metrics)
         # In the background: the gateway starts (and readyz reports Redis) while Redis is down.
         bootstrap = asyncio.create_task(configured.register(retry_interval_s=1.0))
-        state.guards = guards = await GuardServices.start(settings, metrics.registry)
-        state.audit = guards.audit = AuditLog.from_settings(
-            settings, redis_conn.client, metrics.registry
-        )
-        if state.audit is not None:
-            state.audit.start()
+        guards = await GuardServices.start(settings, metrics.registry)
+        audit = guards.audit = AuditLog.from_settings(settings, redis_conn.client, metrics.registry)
+        if audit is not None:
+            audit.start()
         await router.start()
-        state.images = images = ImageLoader(ImageLimits.from_settings(settings))
+        images = ImageLoader(ImageLimits.from_settings(settings))
         first = router.routes[0].engine.info
         digest = hashlib.sha256(
             f"{first.model_id}|{first.dtype}|{transformers.__version__}".encode()
         ).hexdigest()
-        state.chat = ChatService(settings, router, images, metrics, f"fp_{digest[:10]}", guards)
-        state.policy_exists = guards.store.__contains__
-        state.moderations = ModerationService(settings, guards, images, router.routes[0].engine)
+        services = Services(
+            settings=settings,
+            metrics=metrics,
+            started=state.started,
+            redis=redis_conn,
+            key_store=key_store,
+            configured_keys=configured,
+            router=router,
+            auth=auth,
+            limiter=limiter,
+            guards=guards,
+            audit=audit,
+            images=images,
+            chat=ChatService(settings, router, images, metrics, f"fp_{digest[:10]}", guards),
+            moderations=ModerationService(settings, guards, images, router.routes[0].engine),
+        )
+        state.services = services
         if settings.demo_mode and not settings.bootstrap_key:
             demo_key = await ensure_demo_key(key_store, settings)
             configured.add("demo", demo_key, setting="the demo key")
@@ -214,18 +217,17 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             await router.stop()
             await images.aclose()
             await guards.stop()
-            if state.audit is not None:
-                await state.audit.stop()
-            if state.background:
-                await asyncio.wait(state.background, timeout=2)
-            await state.limiter.aclose()
+            if audit is not None:
+                await audit.stop()
+            if services.background:
+                await asyncio.wait(services.background, timeout=2)
+            await limiter.aclose()
             await redis_conn.close()
             gc.unfreeze()  # several apps may share a process (tests): let the next one collect
 
     app = GatewayApp(title="Llama 3.2-Vision safety gateway", lifespan=lifespan)
-    app.state.settings = settings
-    app.state.metrics = metrics
-    app.state.started = int(time.time())
+    # The one thing stored on app.state; read through gateway.services.
+    app.state.gateway = AppState(settings, metrics, started=int(time.time()))
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     for kind in (
         GatewayError,

@@ -13,7 +13,7 @@ import math
 import re
 import time
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from gateway.admin import require_admin
 from gateway.audit import AuditFilter, AuditLog
 from gateway.errors import InvalidRequest, ServiceUnavailable
+from gateway.services import ServicesDep
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
@@ -30,13 +31,17 @@ _CURSOR_RE = re.compile(r"^\d{1,20}-\d{1,20}$")
 _MS_LIMIT = 2**63
 
 
-def audit_log(request: Request) -> AuditLog:
-    log: AuditLog | None = getattr(request.app.state, "audit", None)
+async def audit_log(services: ServicesDep) -> AuditLog:
+    """Dependency: the app's audit log, or 503 when it is off."""
+    log = services.audit
     if log is None:
         raise ServiceUnavailable(
             "The audit log is off (GATEWAY_AUDIT_ENABLED=false).", code="audit_disabled"
         )
     return log
+
+
+AuditLogDep = Annotated[AuditLog, Depends(audit_log)]
 
 
 def parse_time_ms(value: str | None, param: str) -> int | None:
@@ -99,7 +104,7 @@ def audit_filter(params: dict[str, str], *, default_window_s: float | None = Non
 
 
 @router.get("/audit")
-async def list_audit(request: Request) -> JSONResponse:
+async def list_audit(request: Request, log: AuditLogDep) -> JSONResponse:
     params = dict(request.query_params)
     where = audit_filter(params)
     cursor = params.get("cursor") or None
@@ -112,7 +117,7 @@ async def list_audit(request: Request) -> JSONResponse:
     if not 1 <= limit <= 500:
         raise InvalidRequest("'limit' must be an integer from 1 to 500.", param="limit")
     try:
-        entries, next_cursor = await audit_log(request).query(where, cursor=cursor, limit=limit)
+        entries, next_cursor = await log.query(where, cursor=cursor, limit=limit)
     except RedisError as exc:
         raise _redis_down(exc) from None
     body: dict[str, Any] = {"object": "list", "data": entries, "next_cursor": next_cursor}
@@ -120,10 +125,10 @@ async def list_audit(request: Request) -> JSONResponse:
 
 
 @router.get("/audit/summary")
-async def audit_summary(request: Request) -> JSONResponse:
+async def audit_summary(request: Request, log: AuditLogDep) -> JSONResponse:
     where = audit_filter(dict(request.query_params), default_window_s=3600)
     try:
-        summary = await audit_log(request).summary(where)
+        summary = await log.summary(where)
     except RedisError as exc:
         raise _redis_down(exc) from None
     return JSONResponse({"since_ms": where.since_ms, "until_ms": where.until_ms, **summary})

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 from collections.abc import Callable
-from pathlib import Path
 
 import structlog
 
@@ -18,17 +17,18 @@ from gateway.configured_keys import ConfiguredKeys
 from gateway.errors import AuthenticationFailed, PermissionDenied
 from gateway.key_secret import read_or_create_private
 from gateway.keys import ApiKey, KeyStore, generate_key
-from gateway.redis_conn import limits_settings
+from gateway.model_router import ModelRouter
+from gateway.settings import Settings
 
 log = structlog.get_logger(__name__)
 
 DEMO_KEY_FILE = "demo_key"
 
 
-async def ensure_demo_key(store: KeyStore, settings: object) -> str:
+async def ensure_demo_key(store: KeyStore, settings: Settings) -> str:
     """The demo's key: generated once into `<state_dir>/demo_key` (0600), registered
     idempotently, so `gateway serve` can print the same ready key on every start."""
-    path = Path(getattr(settings, "state_dir")) / DEMO_KEY_FILE  # noqa: B009
+    path = settings.state_dir / DEMO_KEY_FILE
     plain = await asyncio.to_thread(read_or_create_private, path, generate_key)
     record, _ = await store.restore("demo", plain)
     if record is None:
@@ -54,11 +54,20 @@ class AuthService:
         self.configured = configured
 
     @classmethod
-    def from_settings(cls, store: KeyStore, settings: object) -> AuthService:
+    def from_settings(
+        cls,
+        store: KeyStore,
+        settings: Settings,
+        router: ModelRouter,
+        *,
+        configured: ConfiguredKeys | None = None,
+    ) -> AuthService:
+        """A key's allow-list may name a served model by any of the router's names for it."""
         return cls(
             store,
-            canonical_model=getattr(settings, "canonical_model_id", None),
-            failure_mode=limits_settings(settings).redis_failure_mode,
+            canonical_model=router.canonical_model_id,
+            failure_mode=settings.redis_failure_mode,
+            configured=configured,
         )
 
     async def authenticate(self, authorization: str | None, model: str | None = None) -> ApiKey:

@@ -31,6 +31,7 @@ from redis.exceptions import ResponseError
 
 from gateway.errors import ServiceUnavailable
 from gateway.keys import ApiKey, KeyStore, plain_key_problem
+from gateway.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -59,9 +60,9 @@ class ConfiguredKeys:
         self._registered = False  # once: later registrations are restorations
 
     @classmethod
-    def from_settings(cls, store: KeyStore, settings: object) -> ConfiguredKeys:
+    def from_settings(cls, store: KeyStore, settings: Settings) -> ConfiguredKeys:
         keys = cls(store)
-        plain: str | None = getattr(settings, "bootstrap_key", None)
+        plain = settings.bootstrap_key
         if plain:
             keys.add("bootstrap", plain, setting="GATEWAY_BOOTSTRAP_KEY")
         return keys

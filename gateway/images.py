@@ -24,7 +24,7 @@ import socket
 from dataclasses import dataclass
 
 import httpx
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from gateway.errors import InvalidRequest
 from gateway.settings import Settings
@@ -153,7 +153,7 @@ def decode_image(data: bytes, max_pixels: int, hint: str = "") -> Image.Image:
         raise
     except Image.DecompressionBombError as exc:
         raise _refuse(f"image has too many pixels: {exc}", "image_too_large") from None
-    except Image.UnidentifiedImageError:
+    except UnidentifiedImageError:
         message = f"image data is not a PNG, JPEG, WEBP or GIF image{hint}"
         raise _refuse(message, "invalid_image") from None
     except Exception as exc:  # Pillow raises many types for corrupt input; all are the client's

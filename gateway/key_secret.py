@@ -14,23 +14,25 @@ from pathlib import Path
 
 import structlog
 
+from gateway.settings import Settings
+
 log = structlog.get_logger(__name__)
 
 SECRET_FILE = "key_secret"
 
 
-def load_key_secret(settings: object) -> bytes:
+def load_key_secret(settings: Settings) -> bytes:
     """`GATEWAY_KEY_SECRET`, else `<state_dir>/key_secret`, created once with mode 0600.
 
     Every replica and the CLI must hash with the same secret: set GATEWAY_KEY_SECRET (or share
     the state directory) in multi-replica deployments.
     """
-    configured: str | None = getattr(settings, "key_secret", None)
+    configured = settings.key_secret
     if configured:
         if len(configured) < 16:
             log.warning("GATEWAY_KEY_SECRET is short; use at least 32 random characters")
         return configured.encode()
-    path = Path(getattr(settings, "state_dir")) / SECRET_FILE  # noqa: B009
+    path = settings.state_dir / SECRET_FILE
     return read_or_create_private(path, lambda: secrets.token_urlsafe(48)).encode()
 
 

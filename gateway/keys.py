@@ -29,8 +29,9 @@ import structlog
 
 from gateway.errors import KeyConflict, ServiceUnavailable
 from gateway.key_secret import load_key_secret
-from gateway.redis_conn import REDIS_ERRORS, RedisMetrics, limits_settings, with_deadline
+from gateway.redis_conn import REDIS_ERRORS, RedisMetrics, with_deadline
 from gateway.redis_scripts import load_lua_scripts
+from gateway.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -207,22 +208,21 @@ class KeyStore:
     @classmethod
     def from_settings(
         cls,
-        settings: object,
+        settings: Settings,
         client: aioredis.Redis,
         *,
         metrics: RedisMetrics | None = None,
         deadline_s: float | None = None,
     ) -> KeyStore:
-        extra = limits_settings(settings)
         return cls(
             client,
             load_key_secret(settings),
-            prefix=extra.redis_key_prefix,
-            cache_ttl_s=min(extra.key_cache_ttl_s, 1.0),
+            prefix=settings.redis_key_prefix,
+            cache_ttl_s=min(settings.key_cache_ttl_s, 1.0),
             defaults=LimitDefaults(
-                extra.default_rpm, extra.default_tpm, extra.default_max_concurrency
+                settings.default_rpm, settings.default_tpm, settings.default_max_concurrency
             ),
-            deadline_s=deadline_s or extra.redis_deadline_s,
+            deadline_s=deadline_s or settings.redis_deadline_s,
             metrics=metrics,
         )
 

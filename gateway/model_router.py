@@ -10,8 +10,6 @@ import asyncio
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from gateway.model_routes_file import (
     BaseRoute,
@@ -24,9 +22,11 @@ from gateway.model_routes_file import (
     UpstreamRoute,
     load_routes_file,
 )
+from gateway.settings import Settings
 from model.engine import Engine
 
-LocalEngineFactory = Callable[[Any], Engine]
+# Builds the local engine from the settings of its route (its model id and aliases).
+LocalEngineFactory = Callable[[Settings], Engine]
 
 
 # -- runtime ----------------------------------------------------------------------------------
@@ -51,21 +51,23 @@ class ModelRouter:
                 self._by_name.setdefault(name.strip().lower(), route)
 
     @classmethod
-    def from_settings(cls, settings: Any, local_engine_factory: LocalEngineFactory) -> ModelRouter:
+    def from_settings(
+        cls, settings: Settings, local_engine_factory: LocalEngineFactory
+    ) -> ModelRouter:
         """`settings.routes_file` unset: the local engine under settings.model_id and aliases.
         `local_engine_factory(settings)` is called only when a local route exists."""
-        path = getattr(settings, "routes_file", None)
+        path = settings.routes_file
         if path is None:
             engine = local_engine_factory(settings)
-            aliases = tuple(getattr(settings, "model_aliases", ()))
+            aliases = tuple(settings.model_aliases)
             return cls([Route(settings.model_id, engine, "local", aliases)])
-        return cls.from_spec(load_routes_file(Path(path)), settings, local_engine_factory, path)
+        return cls.from_spec(load_routes_file(path), settings, local_engine_factory, path)
 
     @classmethod
     def from_spec(
         cls,
         spec: RoutesFile,
-        settings: Any,
+        settings: Settings,
         local_engine_factory: LocalEngineFactory,
         source: object = "<routes>",
     ) -> ModelRouter:
@@ -82,7 +84,7 @@ class ModelRouter:
         return cls(routes)
 
     def resolve(self, requested: str) -> Route | None:
-        """Case-insensitive match on names and aliases (like Settings.canonical_model_id)."""
+        """Case-insensitive match on names and aliases, surrounding blanks ignored."""
         return self._by_name.get(requested.strip().lower())
 
     def canonical_model_id(self, requested: str) -> str | None:
@@ -124,11 +126,12 @@ def _api_key(route: RemoteRoute) -> str | None:
     return None
 
 
-def _build_engine(route: BaseRoute, settings: Any, local_factory: LocalEngineFactory) -> Engine:
+def _build_engine(
+    route: BaseRoute, settings: Settings, local_factory: LocalEngineFactory
+) -> Engine:
     if isinstance(route, LocalRoute):
         update = {"model_id": route.model, "model_aliases": list(route.aliases)}
-        copy = getattr(settings, "model_copy", None)
-        return local_factory(copy(update=update) if copy is not None else settings)
+        return local_factory(settings.model_copy(update=update))
     if isinstance(route, UpstreamRoute):
         from model.upstream import OpenAIUpstreamEngine, UpstreamConfig
 

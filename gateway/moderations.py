@@ -41,6 +41,7 @@ from gateway.image_tokens import ImageTokenCounter
 from gateway.images import ImageLoader
 from gateway.keys import ApiKey
 from gateway.ratelimit import settle_in_background
+from gateway.services import ServicesDep
 from gateway.settings import Settings
 from guards.base import GuardInput
 from guards.omni_categories import moderation_result
@@ -240,11 +241,10 @@ class ModerationService:
 
 
 @router.post("/v1/moderations")
-async def create_moderation(request: Request) -> JSONResponse:
-    state = request.app.state
-    settings: Settings = state.settings
-    service: ModerationService = state.moderations
-    key = await state.auth.authenticate(request.headers.get("authorization"))
+async def create_moderation(request: Request, services: ServicesDep) -> JSONResponse:
+    settings = services.settings
+    service = services.moderations
+    key = await services.auth.authenticate(request.headers.get("authorization"))
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:
         raise RequestTooLarge(f"Request body too large: {declared} bytes.")
@@ -255,7 +255,7 @@ async def create_moderation(request: Request) -> JSONResponse:
     policy = service.policy_for(key, parsed.model)
     turns = await service.turns(parsed)
     tokens = await service.count_tokens(turns)
-    limiter = state.limiter
+    limiter = services.limiter
     adm = await limiter.admit(key, tokens, 0)
     headers = {**adm.headers(), "x-policy": policy_header(policy)}
     try:
@@ -270,7 +270,7 @@ async def create_moderation(request: Request) -> JSONResponse:
         exc.headers = {**headers, **exc.headers}
         raise
     finally:
-        settle_in_background(state.background, limiter, adm, tokens)
+        settle_in_background(services.background, limiter, adm, tokens)
     body_out = {
         "id": f"modr-{secrets.token_hex(16)}",
         "model": parsed.model or DEFAULT_MODEL,

@@ -15,13 +15,11 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.admin import require_admin
 from gateway.audit import AuditContext
-from gateway.auth import AuthService
 from gateway.chat import ChatService, PreparedChat
 from gateway.errors import ModelNotFound, RequestTooLarge, with_headers
-from gateway.guard_services import GuardServices, policy_header
-from gateway.metrics import GatewayMetrics
-from gateway.ratelimit import Admission, RateLimiter, settle_in_background
-from gateway.settings import Settings
+from gateway.guard_services import policy_header
+from gateway.ratelimit import Admission, settle_in_background
+from gateway.services import AppStateDep, Services, ServicesDep, services_of
 from gateway.sse import ChatStream
 from model.openai_wire import json_bytes
 
@@ -52,21 +50,21 @@ class ChatCompletions:
         self._exception_response = exception_response
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        state = scope["app"].state
         try:
-            chat, adm, headers = await _admitted(state, scope, receive)
+            services = services_of(scope["app"])
+            chat, adm, headers = await _admitted(services, scope, receive)
         except Exception as exc:
             await self._fail(exc, scope, receive, send)
             return
         # Admitted: from here on the reservation is settled exactly once, whatever happens.
         # (Its concurrency lease, if any, is renewed by the limiter's LeaseKeeper until then.)
-        limiter: RateLimiter = state.limiter
+        limiter = services.limiter
         try:
             if chat.request.stream:
-                await self._stream(state.chat, chat, headers, scope, receive, send)
+                await self._stream(services.chat, chat, headers, scope, receive, send)
                 return
             try:
-                payload = await _unless_disconnected(state.chat.complete(chat), receive)
+                payload = await _unless_disconnected(services.chat.complete(chat), receive)
             except Exception as exc:
                 await self._fail(with_headers(exc, headers), scope, receive, send)
                 return
@@ -77,7 +75,7 @@ class ChatCompletions:
             await send({"type": "http.response.start", "status": 200, "headers": raw})
             await send({"type": "http.response.body", "body": body})
         finally:
-            settle_in_background(state.background, limiter, adm, chat.used_tokens)
+            settle_in_background(services.background, limiter, adm, chat.used_tokens)
 
     async def _stream(
         self,
@@ -108,13 +106,13 @@ class ChatCompletions:
 
 
 async def _admitted(
-    state: Any, scope: Scope, receive: Receive
+    services: Services, scope: Scope, receive: Receive
 ) -> tuple[PreparedChat, Admission, dict[str, str]]:
     """Key, body, parse, limits, input guards: the request admitted, or the error raised."""
-    settings: Settings = state.settings
-    auth: AuthService = state.auth
-    limiter: RateLimiter = state.limiter
-    chat_service: ChatService = state.chat
+    settings = services.settings
+    auth = services.auth
+    limiter = services.limiter
+    chat_service = services.chat
     key = await auth.authenticate(_header(scope, b"authorization"))
     body = await read_body(receive, _header(scope, b"content-length"), settings.max_body_bytes)
     chat = await chat_service.prepare(
@@ -132,7 +130,7 @@ async def _admitted(
     try:
         await chat_service.check_input(chat)
     except Exception as exc:
-        settle_in_background(state.background, limiter, adm, chat.prompt_tokens)
+        settle_in_background(services.background, limiter, adm, chat.prompt_tokens)
         raise with_headers(exc, headers) from None
     return chat, adm, headers
 
@@ -223,21 +221,19 @@ def _model_card(model_id: str, created: int) -> dict[str, Any]:
 
 
 @router.get("/v1/models")
-async def list_models(request: Request) -> dict[str, Any]:
-    state = request.app.state
-    await state.auth.authenticate(request.headers.get("authorization"))
-    cards = [_model_card(m, state.started) for m in state.router.model_ids()]
+async def list_models(request: Request, services: ServicesDep) -> dict[str, Any]:
+    await services.auth.authenticate(request.headers.get("authorization"))
+    cards = [_model_card(m, services.started) for m in services.router.model_ids()]
     return {"object": "list", "data": cards}
 
 
 @router.get("/v1/models/{model_id:path}")
-async def get_model(model_id: str, request: Request) -> dict[str, Any]:
-    state = request.app.state
-    await state.auth.authenticate(request.headers.get("authorization"))
-    canonical = state.router.canonical_model_id(model_id)
+async def get_model(model_id: str, request: Request, services: ServicesDep) -> dict[str, Any]:
+    await services.auth.authenticate(request.headers.get("authorization"))
+    canonical = services.router.canonical_model_id(model_id)
     if canonical is None:
         raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
-    return _model_card(canonical, state.started)
+    return _model_card(canonical, services.started)
 
 
 @router.get("/healthz")
@@ -246,28 +242,15 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", response_model=None)
-async def readyz(request: Request) -> Response:
-    state = request.app.state
-    router = getattr(state, "router", None)
-    redis = getattr(state, "redis", None)
+async def readyz(state: AppStateDep) -> Response:
+    services = state.services  # None until the lifespan has built them
     reasons: dict[str, str] = {}
-    if router is None:
+    if services is None:
         reasons["engine"] = "the model engine is not loaded"
-    elif down := router.not_ready():
-        reasons["engine"] = "not ready: " + ", ".join(down)
-    if redis is None:
         reasons["redis"] = "redis is not connected"
-    elif (problem := await redis.check()) is not None:
-        reasons["redis"] = problem
-    elif (keys := getattr(state, "configured_keys", None)) and (problem := await keys.check()):
-        reasons["bootstrap_key"] = problem  # e.g. Redis read-only or full: no key, all 401
-    guards: GuardServices | None = getattr(state, "guards", None)
-    if guards is None:
         reasons["policies"] = "policies are not loaded"
     else:
-        ok, why = guards.ready()
-        if not ok:
-            reasons["policies"] = why
+        reasons.update(await _not_ready(services))
     names = ("engine", "redis", "bootstrap_key", "policies")
     checks = {name: name not in reasons for name in names}
     if not reasons:
@@ -278,13 +261,26 @@ async def readyz(request: Request) -> Response:
     )
 
 
+async def _not_ready(services: Services) -> dict[str, str]:
+    """Why the started gateway cannot serve, per check (empty when it can)."""
+    reasons: dict[str, str] = {}
+    if down := services.router.not_ready():
+        reasons["engine"] = "not ready: " + ", ".join(down)
+    if (problem := await services.redis.check()) is not None:
+        reasons["redis"] = problem
+    elif services.configured_keys and (problem := await services.configured_keys.check()):
+        reasons["bootstrap_key"] = problem  # e.g. Redis read-only or full: no key, all 401
+    ok, why = services.guards.ready()
+    if not ok:
+        reasons["policies"] = why
+    return reasons
+
+
 @router.get("/metrics")
-async def metrics_endpoint(request: Request) -> Response:
-    metrics: GatewayMetrics = request.app.state.metrics
-    return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+async def metrics_endpoint(state: AppStateDep) -> Response:
+    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @router.get("/admin/policies", dependencies=[Depends(require_admin)])
-async def admin_policies(request: Request) -> dict[str, Any]:
-    guards: GuardServices = request.app.state.guards
-    return {"object": "list", "data": guards.status()}
+async def admin_policies(services: ServicesDep) -> dict[str, Any]:
+    return {"object": "list", "data": services.guards.status()}

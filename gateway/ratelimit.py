@@ -35,8 +35,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from gateway.errors import RateLimited, ServiceUnavailable
 from gateway.keys import ApiKey
 from gateway.leases import LeaseKeeper
-from gateway.redis_conn import REDIS_ERRORS, RedisMetrics, key_name, limits_settings
+from gateway.redis_conn import REDIS_ERRORS, RedisMetrics, key_name
 from gateway.redis_scripts import ScriptRunner, load_lua_scripts
+from gateway.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -156,15 +157,14 @@ class RateLimiter:
 
     @classmethod
     def from_settings(
-        cls, settings: object, client: aioredis.Redis, *, metrics: RedisMetrics | None = None
+        cls, settings: Settings, client: aioredis.Redis, *, metrics: RedisMetrics | None = None
     ) -> RateLimiter:
-        extra = limits_settings(settings)
         return cls(
             client,
-            prefix=extra.redis_key_prefix,
-            lease_ms=int(extra.concurrency_lease_ttl_s * 1000),
-            deadline_s=extra.redis_deadline_s,
-            failure_mode=extra.redis_failure_mode,
+            prefix=settings.redis_key_prefix,
+            lease_ms=int(settings.concurrency_lease_ttl_s * 1000),
+            deadline_s=settings.redis_deadline_s,
+            failure_mode=settings.redis_failure_mode,
             metrics=metrics,
         )
 
@@ -344,7 +344,7 @@ def settle_in_background(
     pending: set[asyncio.Task[None]], limiter: RateLimiter, adm: Admission, used: int
 ) -> None:
     """Settle in a task of its own: it must run even when the client's task was cancelled.
-    `pending` keeps a reference until it is done (the app's `state.background`)."""
+    `pending` keeps a reference until it is done (the app's `Services.background`)."""
     task = asyncio.get_running_loop().create_task(limiter.settle(adm, used))
     pending.add(task)
     task.add_done_callback(pending.discard)

@@ -30,25 +30,13 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from gateway.settings import LimitsSettings
+from gateway.settings import Settings
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 # Errors that mean "Redis did not answer in time or at all"; all map to 503 (or fail-open).
 REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
-
-
-LIMITS_FIELDS = tuple(LimitsSettings.model_fields)
-
-
-def limits_settings(settings: object | None = None) -> LimitsSettings:
-    """The extra settings: attributes of `settings` when it has them, else the environment."""
-    base = LimitsSettings()
-    if settings is None:
-        return base
-    overrides = {n: getattr(settings, n) for n in LIMITS_FIELDS if hasattr(settings, n)}
-    return base.model_copy(update=overrides) if overrides else base
 
 
 def key_name(prefix: str, key_id: str, suffix: str) -> str:
@@ -248,7 +236,7 @@ class RedisConnection:
     @classmethod
     async def open(
         cls,
-        settings: object,
+        settings: Settings,
         *,
         connect_timeout_s: float | None = None,
         socket_timeout_s: float | None = None,
@@ -259,21 +247,20 @@ class RedisConnection:
         Does not ping: the gateway starts even when Redis is down (readyz reports it). The
         CLI passes longer timeouts than the request path uses.
         """
-        extra = limits_settings(settings)
-        url: str | None = getattr(settings, "redis_url", None)
+        url = settings.redis_url
         embedded: EmbeddedRedis | None = None
         if not url:
-            embedded = EmbeddedRedis(Path(getattr(settings, "state_dir")))  # noqa: B009
+            embedded = EmbeddedRedis(settings.state_dir)
             url = await asyncio.to_thread(embedded.start)
         client = make_client(
             url,
-            connect_timeout_s=connect_timeout_s or extra.redis_connect_timeout_s,
-            socket_timeout_s=socket_timeout_s or extra.redis_socket_timeout_s,
-            max_connections=extra.redis_max_connections,
+            connect_timeout_s=connect_timeout_s or settings.redis_connect_timeout_s,
+            socket_timeout_s=socket_timeout_s or settings.redis_socket_timeout_s,
+            max_connections=settings.redis_max_connections,
         )
         log.info("redis configured", url=redact_url(url), embedded=embedded is not None)
         return cls(
-            client, url=url, deadline_s=deadline_s or extra.redis_deadline_s, embedded=embedded
+            client, url=url, deadline_s=deadline_s or settings.redis_deadline_s, embedded=embedded
         )
 
     async def check(self) -> str | None:

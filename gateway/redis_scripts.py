@@ -186,7 +186,8 @@ class ScriptRunner:
     async def _connect(self) -> _Pipe:
         pool = self._client.connection_pool
         conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
-        await conn.connect()  # TCP/unix/TLS, AUTH, SELECT: all that the URL asks for
+        # TCP/unix/TLS, AUTH, SELECT: all that the URL asks for (redis-py leaves it untyped).
+        await conn.connect()  # type: ignore[no-untyped-call]
         writer = conn._writer
         assert writer is not None
         conn._writer = conn._reader = None

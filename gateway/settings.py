@@ -107,14 +107,3 @@ class Settings(LimitsSettings):
     @property
     def demo_mode(self) -> bool:
         return self.model_path is None and self.routes_file is None
-
-    def canonical_model_id(self, requested: str) -> str | None:
-        """The canonical id for a requested name or alias, or None when not served."""
-        wanted = requested.strip()
-        if wanted == self.model_id:
-            return self.model_id
-        if any(wanted == alias or wanted.lower() == alias.lower() for alias in self.model_aliases):
-            return self.model_id
-        if wanted.lower() == self.model_id.lower():
-            return self.model_id
-        return None

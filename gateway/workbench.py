@@ -12,10 +12,11 @@ from __future__ import annotations
 from functools import cache
 from importlib import resources
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
 from gateway.errors import NotFound
+from gateway.services import SettingsDep
 
 router = APIRouter(include_in_schema=False)
 
@@ -35,8 +36,9 @@ def asset(name: str) -> bytes:
     return resources.files("gateway").joinpath("static", "workbench", name).read_bytes()
 
 
-def _enabled(request: Request) -> None:
-    if not getattr(request.app.state.settings, "admin_token", None):
+async def enabled(settings: SettingsDep) -> None:
+    """Dependency: 404 when the admin API (and so the workbench) is off."""
+    if not settings.admin_token:
         raise NotFound(
             "The workbench is off because the admin API is disabled: set GATEWAY_ADMIN_TOKEN.",
             code="admin_disabled",
@@ -54,15 +56,13 @@ def _serve(name: str) -> Response:
     return Response(asset(name), media_type=_TYPES[name], headers=headers)
 
 
-@router.get("/workbench")
-async def page(request: Request) -> Response:
-    _enabled(request)
+@router.get("/workbench", dependencies=[Depends(enabled)])
+async def page() -> Response:
     return _serve("index.html")
 
 
-@router.get("/workbench/static/{name}")
-async def static(name: str, request: Request) -> Response:
-    _enabled(request)
+@router.get("/workbench/static/{name}", dependencies=[Depends(enabled)])
+async def static(name: str) -> Response:
     if name not in _TYPES or name == "index.html":
         raise NotFound("Not found.")
     return _serve(name)

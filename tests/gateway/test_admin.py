@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -13,9 +12,11 @@ import pytest_asyncio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from gateway.admin import router
+from gateway.admin import key_store, policy_exists, router
 from gateway.errors import GatewayError
 from gateway.keys import KeyStore
+from gateway.services import request_settings
+from gateway.settings import Settings
 from tests.gateway.conftest import requires_redis
 
 TOKEN = "admin-" + secrets.token_hex(8)
@@ -32,9 +33,11 @@ def build_app(store: KeyStore, admin_token: str | None = TOKEN) -> FastAPI:
     async def envelope(request: Request, exc: GatewayError) -> JSONResponse:
         return JSONResponse(exc.envelope(), status_code=exc.status_code, headers=exc.headers)
 
-    app.state.settings = SimpleNamespace(admin_token=admin_token)
-    app.state.key_store = store
-    app.state.policy_exists = lambda name: name in {"default", "strict", "audit"}
+    app.dependency_overrides[request_settings] = lambda: Settings(admin_token=admin_token)
+    app.dependency_overrides[key_store] = lambda: store
+    app.dependency_overrides[policy_exists] = lambda: (
+        lambda name: name in {"default", "strict", "audit"}
+    )
     app.include_router(router)
     return app
 

@@ -12,6 +12,7 @@ import openai
 import pytest
 from PIL import Image
 
+from gateway.services import services_of
 from tests.conftest import AUTH, TEST_API_KEY
 
 MODEL = "meta-llama/llama-3.2-11b-vision-instruct"
@@ -246,7 +247,7 @@ def test_request_id_is_echoed(live_gateway) -> None:  # type: ignore[no-untyped-
 def test_client_disconnect_frees_the_engine(live_gateway) -> None:  # type: ignore[no-untyped-def]
     import time
 
-    engine = live_gateway.server.config.app.state.router.routes[0].engine
+    engine = services_of(live_gateway.server.config.app).router.routes[0].engine
     body = {
         "model": MODEL,
         # Greedy on this prompt runs to max_tokens on the demo model.
@@ -285,7 +286,7 @@ def test_event_loop_answers_while_the_model_works(live_gateway) -> None:  # type
         )
     )
     worker.start()
-    engine = live_gateway.server.config.app.state.router.routes[0].engine
+    engine = services_of(live_gateway.server.config.app).router.routes[0].engine
     while engine.scheduler.active_count == 0 and worker.is_alive():
         pass
     # Model work runs in the scheduler's thread: health checks are answered meanwhile.
@@ -298,7 +299,7 @@ def test_event_loop_answers_while_the_model_works(live_gateway) -> None:  # type
 def test_a_non_streaming_client_that_gives_up_frees_the_engine(live_gateway) -> None:  # type: ignore[no-untyped-def]
     import time
 
-    engine = live_gateway.server.config.app.state.router.routes[0].engine
+    engine = services_of(live_gateway.server.config.app).router.routes[0].engine
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": "Long answer please"}],  # greedy: to max_tokens

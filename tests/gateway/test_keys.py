@@ -8,7 +8,6 @@ import stat
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import redis.asyncio as aioredis
@@ -21,8 +20,10 @@ from gateway.errors import AuthenticationFailed, PermissionDenied
 from gateway.key_secret import load_key_secret
 from gateway.keys import KeyStore, LimitDefaults
 from gateway.keys_cli import app as keys_app
+from gateway.model_router import ModelRouter
 from gateway.redis_conn import make_client
 from gateway.settings import Settings
+from model.upstream import OpenAIUpstreamEngine, UpstreamConfig
 from tests.gateway.conftest import REDIS_URL, SECRET, requires_redis, store_for
 
 pytestmark = requires_redis
@@ -96,7 +97,11 @@ async def test_revocation_and_patch_seen_by_other_replica(
 
 async def test_auth_rules(store: KeyStore) -> None:
     settings = Settings()
-    auth = AuthService.from_settings(store, settings)
+    # The served model's names come from the router; its engine is never started here.
+    router = ModelRouter.from_settings(
+        settings, lambda s: OpenAIUpstreamEngine(UpstreamConfig(s.model_id, "http://127.0.0.1:9"))
+    )
+    auth = AuthService.from_settings(store, settings, router)
     canonical = settings.model_id
     # The allow-list may use the Hugging Face spelling (an alias) of the served model.
     key, plain, _ = await store.create(
@@ -152,7 +157,7 @@ async def test_defaults_from_settings_or_env(
 ) -> None:
     monkeypatch.setenv("GATEWAY_DEFAULT_TPM", "9000")
     monkeypatch.setenv("GATEWAY_REDIS_KEY_PREFIX", prefix)
-    settings = SimpleNamespace(state_dir=tmp_path, key_secret=None, default_rpm=30)
+    settings = Settings(state_dir=tmp_path, key_secret=None, default_rpm=30)
     store = KeyStore.from_settings(settings, client)
     assert store.prefix == prefix and store.cache_ttl_s <= 1.0
     key, _, _ = await store.create("frank")
@@ -161,7 +166,7 @@ async def test_defaults_from_settings_or_env(
 
 async def test_bootstrap_idempotent(client: aioredis.Redis, prefix: str) -> None:
     plain = "sk-bootstrap-" + secrets.token_hex(8)
-    settings = SimpleNamespace(bootstrap_key=plain)
+    settings = Settings(bootstrap_key=plain)
     replicas = [ConfiguredKeys.from_settings(store_for(client, prefix), settings) for _ in range(3)]
     # Three replicas starting at once register one key.
     keys = await asyncio.gather(*(r.register() for r in replicas))
@@ -170,7 +175,7 @@ async def test_bootstrap_idempotent(client: aioredis.Redis, prefix: str) -> None
     assert len(await replicas[0].store.list()) == 1
     assert (await replicas[1].store.lookup(plain)) == again
     assert await replicas[0].check() is None
-    unset = ConfiguredKeys.from_settings(replicas[0].store, SimpleNamespace(bootstrap_key=None))
+    unset = ConfiguredKeys.from_settings(replicas[0].store, Settings(bootstrap_key=None))
     assert not unset and await unset.register() == {} and await unset.check() is None
 
 
@@ -187,7 +192,7 @@ async def test_invalid_bootstrap_key_is_reported_never_registered(
     client: aioredis.Redis, prefix: str, plain: str, why: str
 ) -> None:
     store = store_for(client, prefix)
-    keys = ConfiguredKeys.from_settings(store, SimpleNamespace(bootstrap_key=plain))
+    keys = ConfiguredKeys.from_settings(store, Settings(bootstrap_key=plain))
     assert await keys.register() == {}
     problem = await keys.check()
     assert problem is not None and "GATEWAY_BOOTSTRAP_KEY is invalid" in problem and why in problem
@@ -197,7 +202,7 @@ async def test_invalid_bootstrap_key_is_reported_never_registered(
 
 async def test_demo_key_is_stable(client: aioredis.Redis, prefix: str, tmp_path: Path) -> None:
     store = store_for(client, prefix)
-    settings = SimpleNamespace(state_dir=tmp_path)
+    settings = Settings(state_dir=tmp_path)
     first = await ensure_demo_key(store, settings)
     assert first == await ensure_demo_key(store_for(client, prefix), settings)  # a restart
     assert stat.S_IMODE((tmp_path / "demo_key").stat().st_mode) == 0o600
@@ -206,12 +211,12 @@ async def test_demo_key_is_stable(client: aioredis.Redis, prefix: str, tmp_path:
 
 
 def test_secret_generated_once_and_reused(tmp_path: Path) -> None:
-    settings = SimpleNamespace(state_dir=tmp_path / "state", key_secret=None)
+    settings = Settings(state_dir=tmp_path / "state", key_secret=None)
     first = load_key_secret(settings)
     path = tmp_path / "state" / "key_secret"
     assert len(first) >= 32 and stat.S_IMODE(path.stat().st_mode) == 0o600
     assert load_key_secret(settings) == first
-    assert load_key_secret(SimpleNamespace(state_dir=tmp_path, key_secret="x" * 32)) == b"x" * 32
+    assert load_key_secret(Settings(state_dir=tmp_path, key_secret="x" * 32)) == b"x" * 32
     assert load_key_secret(settings) == first  # an env secret never rewrites the file
 
 

@@ -205,16 +205,8 @@ def test_routes_file_without_local_route_builds_no_local_engine(
     assert route.engine.info.model_id == MODEL
 
 
-def _with_routes(settings: Settings, path: Path) -> Any:
-    """Settings.routes_file comes with the integration; until then, an attribute does."""
-    if getattr(settings, "routes_file", None) == path:
-        return settings
-
-    class WithRoutes:
-        def __getattr__(self, name: str) -> Any:
-            return path if name == "routes_file" else getattr(settings, name)
-
-    return WithRoutes()
+def _with_routes(settings: Settings, path: Path) -> Settings:
+    return settings.model_copy(update={"routes_file": path})
 
 
 async def test_mixed_routes_resolve_aliases_and_manage_engines(

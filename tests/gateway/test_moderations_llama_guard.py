@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 from transformers import AutoProcessor, MllamaForConditionalGeneration
 
+from gateway.services import services_of
 from guards.omni_categories import OMNI_CATEGORIES
 from testkit.tiny_guard_models import (
     build_tiny_llama_guard_vision,
@@ -120,7 +121,7 @@ def test_inputs_of_one_request_are_batched_and_concurrent_clients_agree(
     app_and_server: tuple[Any, LiveServer],
 ) -> None:
     app, server = app_and_server
-    guard = app.state.guards.guards["llama_guard"]
+    guard = services_of(app).guards.guards["llama_guard"]
     before = guard.batcher.calls
     results = dump(sdk(server).moderations.create(input=["a", "b", "c"]))
     assert guard.batcher.calls == before + 1  # three inputs, one batched call

