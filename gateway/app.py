@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway import admin
 from gateway.admin_extras import admin_extras
 from gateway.audit import AuditLog
-from gateway.auth import AuthService, ensure_demo_key
+from gateway.auth import AuthService, demo_key
 from gateway.chat import ChatService
 from gateway.configured_keys import ConfiguredKeys
 from gateway.errors import GatewayError, InvalidRequest, NotFound, as_gateway_error, is_mapped
@@ -167,6 +167,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         router = ModelRouter.from_settings(settings, lambda s: engine or build_engine(s))
         # The bootstrap key (and the demo's): registered now, restored if Redis loses it.
         configured = ConfiguredKeys.from_settings(key_store, settings)
+        demo = settings.demo_mode and not settings.bootstrap_key
+        if demo:
+            configured.add("demo", await demo_key(settings), setting="the demo key")
         auth = AuthService.from_settings(key_store, settings, router, configured=configured)
         limiter = RateLimiter.from_settings(settings, redis_conn.client, metrics=redis_metrics)
         # In the background: the gateway starts (and readyz reports Redis) while Redis is down.
@@ -198,10 +201,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             moderations=ModerationService(settings, guards, images, router.routes[0].engine),
         )
         state.services = services
-        if settings.demo_mode and not settings.bootstrap_key:
-            demo_key = await ensure_demo_key(key_store, settings)
-            configured.add("demo", demo_key, setting="the demo key")
-            print(demo_banner(settings, demo_key), file=sys.stderr)
+        if demo:
+            print(demo_banner(settings, await demo_key(settings)), file=sys.stderr)
         # What start-up built (torch, transformers, the guards: hundreds of thousands of
         # objects) lives as long as the process: take it out of the cyclic collector's sight.
         # Otherwise every few thousand requests a full collection walks all of it, a stall for

@@ -25,11 +25,19 @@ log = structlog.get_logger(__name__)
 DEMO_KEY_FILE = "demo_key"
 
 
+async def demo_key(settings: Settings) -> str:
+    """The demo's key: generated once into `<state_dir>/demo_key` (0600), so `gateway serve`
+    prints the same key on every start. The app registers it with its configured keys (in the
+    background, retried while Redis is slow or away: start-up never waits on Redis)."""
+    return await asyncio.to_thread(
+        read_or_create_private, settings.state_dir / DEMO_KEY_FILE, generate_key
+    )
+
+
 async def ensure_demo_key(store: KeyStore, settings: Settings) -> str:
-    """The demo's key: generated once into `<state_dir>/demo_key` (0600), registered
-    idempotently, so `gateway serve` can print the same ready key on every start."""
+    """The demo's key (`demo_key`), registered idempotently now."""
     path = settings.state_dir / DEMO_KEY_FILE
-    plain = await asyncio.to_thread(read_or_create_private, path, generate_key)
+    plain = await demo_key(settings)
     record, _ = await store.restore("demo", plain)
     if record is None:
         log.warning("the demo key was revoked; import it again to use it", path=str(path))
