@@ -113,10 +113,11 @@ class LinearProfanityModel:
         tfidf = np.asarray(counts, dtype=np.float64) * self._idf[at]
         norms = np.sqrt(np.bincount(owner, tfidf * tfidf, minlength=len(texts)))
         tfidf /= norms[owner]
-        terms = tfidf[:, None] * self._weights[at]
-        decisions = np.zeros((len(texts), terms.shape[1]))
-        np.add.at(decisions, owner, terms)
-        decisions += self._intercepts
+        terms = tfidf[:, None] * self._weights[at]  # (entries, classifiers)
+        width = terms.shape[1]
+        cells = (owner[:, None] * width + np.arange(width)).ravel()  # (text, classifier) cells
+        sums = np.bincount(cells, weights=terms.ravel(), minlength=len(texts) * width)
+        decisions = sums.reshape(len(texts), width) + self._intercepts
         calibrated = 1.0 / (1.0 + np.exp(self._slopes * decisions + self._offsets))
         return [float(p) for p in calibrated.mean(axis=1)]
 
