@@ -147,7 +147,7 @@ class StreamModerator(Generic[R]):
         if self.code_hold is not None and not final:
             # An open fenced code block is neither checked nor released until it closes (or
             # outgrows its window): Code Shield judges a block whole (guards.code_block_hold).
-            limit = self.code_hold.plan(self.released, self.held).release_limit
+            limit = self.code_hold.release_limit(self.released_chars, self.held)
         fresh = self._unchecked > len(self.held) - limit  # new text before any held block
         if final or fresh or self.last_result is None:
             if final:
