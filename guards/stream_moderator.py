@@ -37,7 +37,7 @@ BOUNDARY_CHARS = frozenset(".!?;:\n。！？")
 R = TypeVar("R")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModerationStep(Generic[R]):
     """What the stream may do after a feed: send `release`, or stop when `blocked`.
 
@@ -47,6 +47,9 @@ class ModerationStep(Generic[R]):
     release: str = ""
     blocked: bool = False
     result: R | None = None
+
+
+_NOTHING_YET: ModerationStep[Any] = ModerationStep()
 
 
 @dataclass
@@ -109,7 +112,7 @@ class StreamModerator(Generic[R]):
         self.held += text
         self._unchecked += len(text)
         if not self._due():
-            return ModerationStep()
+            return _NOTHING_YET  # most deltas: one shared (frozen) step
         return await self._check_and_release()
 
     async def finish(self) -> ModerationStep[R]:
