@@ -14,7 +14,7 @@ partial code (a pattern split across two window-sized pieces is judged on what e
 seen: the whole answer so far, so the second check sees both halves, but the first half was
 already sent).
 
-`CodeBlockHold` keeps its scan position, so each call costs the new text only.
+`CodeBlockHold` scans each line once, when it ends, so each call costs the new text only.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ import re
 from dataclasses import dataclass, field
 
 _FENCE = re.compile(r"[ \t]{0,3}(`{3,}|~{3,})")
-# An unfinished last line that could still become a fence: held until its newline arrives.
-_MAYBE_FENCE = re.compile(r"[ \t]{0,3}(`{1,}|~{1,})[^\n]*")
+# The start of an unfinished last line that could still become a fence: held until its newline
+# arrives.
+_MAYBE_FENCE_START = re.compile(r"[ \t]{0,3}[`~]")
+_MAYBE_FENCE_HEAD = 4  # characters of a line that `_MAYBE_FENCE_START` may need
 
 
 @dataclass
@@ -39,44 +41,68 @@ class HoldPlan:
 @dataclass
 class CodeBlockHold:
     window: int = 4000
-    _pos: int = 0  # text before this offset has been scanned for fence lines
+    _seen: int = 0  # characters of the answer scanned so far
+    _line_at: int = 0  # offset of the current (unfinished) line
+    _line: list[str] = field(default_factory=list, repr=False)  # its parts so far
+    _head: str = ""  # its first characters (up to `_MAYBE_FENCE_HEAD`)
     _open_at: int | None = None  # offset of the open fence's line, if a fence is open
     _open_fence: str = ""
     _restart: int | None = field(default=None, repr=False)  # hold restarted after a window
 
-    def _scan(self, text: str) -> None:
-        while True:
-            newline = text.find("\n", self._pos)
-            if newline < 0:
-                return
-            line = text[self._pos : newline]
-            match = _FENCE.match(line)
-            if match is not None:
-                fence = match.group(1)
-                if self._open_at is None:
-                    self._open_at, self._open_fence = self._pos, fence
-                elif (
-                    fence[0] == self._open_fence[0]
-                    and len(fence) >= len(self._open_fence)
-                    and not line[match.end() :].strip()
-                ):
-                    self._open_at, self._open_fence, self._restart = None, "", None
-            self._pos = newline + 1
+    def _scan(self, new: str) -> None:
+        """Take in the next characters of the answer: each line is judged once, when its
+        newline arrives."""
+        start = 0
+        while (newline := new.find("\n", start)) >= 0:
+            self._line.append(new[start:newline])
+            line = "".join(self._line)
+            self._end_of_line(line)
+            self._line_at += len(line) + 1
+            self._line.clear()
+            self._head = ""
+            start = newline + 1
+        if start < len(new):
+            rest = new[start:]
+            self._line.append(rest)
+            if len(self._head) < _MAYBE_FENCE_HEAD:
+                self._head = (self._head + rest)[:_MAYBE_FENCE_HEAD]
+        self._seen += len(new)
+
+    def _end_of_line(self, line: str) -> None:
+        match = _FENCE.match(line)
+        if match is None:
+            return
+        fence = match.group(1)
+        if self._open_at is None:
+            self._open_at, self._open_fence = self._line_at, fence
+        elif (
+            fence[0] == self._open_fence[0]
+            and len(fence) >= len(self._open_fence)
+            and not line[match.end() :].strip()
+        ):
+            self._open_at, self._open_fence, self._restart = None, "", None
+
+    def release_limit(self, released_chars: int, held: str) -> int:
+        """How many characters of `held` (the answer's text after its first `released_chars`)
+        may be checked and released now. Only the text that arrived since the last call is
+        scanned: each call costs the new text only."""
+        total = released_chars + len(held)
+        if total > self._seen:
+            self._scan(held[len(held) - (total - self._seen) :])
+        hold_from = total
+        if self._open_at is not None:
+            hold_from = max(self._open_at, self._restart or 0, released_chars)
+            if total - hold_from >= self.window:
+                # Past the window: check what is held as it is; release it if clean.
+                self._restart = total
+                return len(held)
+        elif self._line and _MAYBE_FENCE_START.match(self._head):
+            hold_from = max(self._line_at, released_chars)  # a last line that may open a fence
+        return max(0, hold_from - released_chars)
 
     def plan(self, released: str, held: str, *, final: bool = False) -> HoldPlan:
         text = released + held
         if final:
             return HoldPlan(text, len(held))
-        self._scan(text)
-        hold_from = len(text)
-        if self._open_at is not None:
-            hold_from = max(self._open_at, self._restart or 0, len(released))
-            if len(text) - hold_from >= self.window:
-                # Past the window: check what is held as it is; release it if clean.
-                self._restart = len(text)
-                return HoldPlan(text, len(held))
-        else:
-            partial = _MAYBE_FENCE.fullmatch(text, self._pos)
-            if partial is not None:  # a last line that may be an opening fence: hold it
-                hold_from = max(self._pos, len(released))
-        return HoldPlan(text[:hold_from], max(0, hold_from - len(released)))
+        limit = self.release_limit(len(released), held)
+        return HoldPlan(text[: len(released) + limit], limit)

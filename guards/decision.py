@@ -37,7 +37,7 @@ from guards.content_filter import (
     content_filter_error_body,
     prompt_filter_results,
 )
-from guards.policy import LLAMA_GUARD_CODES, Policy
+from guards.policy import LLAMA_GUARD_CODES, Policy, Rule
 
 BLOCKLIST_PREFIX = "blocklist:"
 _DETECTION = frozenset((*DETECTION_CATEGORIES, "indirect_attack", *GUARD_DETECTION_KEYS))
@@ -109,6 +109,44 @@ class Decision:
         }
 
 
+class _PolicyRules:
+    """What `decide` asks of one policy object, resolved on first use: the same for every
+    decision under it (a reloaded policy is a new object)."""
+
+    __slots__ = ("policy", "rules", "stage_has_lists")
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.rules: dict[str, Rule] = {}
+        self.stage_has_lists: dict[Stage, bool] = {}
+
+    def rule(self, category: str) -> Rule:
+        rule = self.rules.get(category)
+        if rule is None:
+            rule = self.rules[category] = self.policy.rule(category)
+        return rule
+
+    def has_lists(self, stage: Stage) -> bool:
+        has = self.stage_has_lists.get(stage)
+        if has is None:
+            has = self.stage_has_lists[stage] = bool(self.policy.blocklists_for(stage))
+        return has
+
+
+# Per policy object, bounded like GuardPipelines' cache.
+_POLICY_RULES: dict[int, _PolicyRules] = {}
+_POLICY_RULES_MAX = 64
+
+
+def _rules_of(policy: Policy) -> _PolicyRules:
+    rules = _POLICY_RULES.get(id(policy))
+    if rules is None or rules.policy is not policy:
+        if len(_POLICY_RULES) >= _POLICY_RULES_MAX:
+            _POLICY_RULES.clear()
+        rules = _POLICY_RULES[id(policy)] = _PolicyRules(policy)
+    return rules
+
+
 def _max_severity(current: Severity | None, new: Severity) -> Severity:
     if current is None or SEVERITY_ORDER[new] > SEVERITY_ORDER[current]:
         return new
@@ -129,6 +167,7 @@ def decide(
     adds categories to the judged ones (a stage's coverage, for a decision made before its
     guards ran on any text: nothing, so far, is the judgement)."""
     ran_names = set(ran) if ran is not None else {v.guard for v in verdicts}
+    rules = _rules_of(policy)
     severities: dict[str, Severity] = {}
     sources: dict[str, set[str]] = {}
     scores: dict[str, float] = {}
@@ -185,7 +224,7 @@ def decide(
     blocked = False
 
     for category, severity in sorted(severities.items()):
-        rule = policy.rule(category)
+        rule = rules.rule(category)
         hit = severity != "safe" and rule.hit(severity)
         if category in _SEVERITY:
             result.severities[category] = severity
@@ -226,7 +265,7 @@ def decide(
 
     if stage == "input":
         result.report.add("indirect_attack")
-    if policy.blocklists_for(stage):
+    if rules.has_lists(stage):
         result.report.add("custom_blocklists")
     if "llama_guard" in ran_names:
         result.report.add("llama_guard")

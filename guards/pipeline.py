@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+import types
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -39,6 +40,8 @@ from guards.decision import Decision, decide
 from guards.policy import Policy
 
 log = structlog.get_logger("guards")
+
+R = TypeVar("R")
 
 GUARD_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -111,6 +114,32 @@ class _Planned:
 
 class _Unavailable(Exception):
     pass
+
+
+@types.coroutine
+def _resume(check: Coroutine[Any, Any, R], yielded: Any) -> Generator[Any, Any, R]:
+    """Go on with a coroutine whose first `send` gave `yielded`, as `await` would have: what
+    the task sends or throws in goes on to it."""
+    while True:
+        try:
+            sent = yield yielded
+        except GeneratorExit:
+            check.close()
+            raise
+        except BaseException as exc:  # cancellation included: the check handles it
+            try:
+                yielded = check.throw(exc)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+        else:
+            try:
+                yielded = check.send(sent)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+
+
+async def _awaited(awaitable: Awaitable[R]) -> R:
+    return await awaitable
 
 
 class GuardPipeline:
@@ -210,7 +239,21 @@ class GuardPipeline:
         plans = self._plans[stage]
         if piece:
             plans = [p for p in plans if p.guard is None or not p.guard.whole_answer_only]
-        results = await asyncio.gather(*(self._run_guard(p, stage, items) for p in plans))
+        # Every guard is started before any is waited for (they run concurrently); one that
+        # finishes without waiting (the in-process guards on short texts) costs no task, no
+        # timer and no turn of the event loop.
+        begun: list[list[GuardVerdict] | Coroutine[Any, Any, list[GuardVerdict]]] = []
+        try:
+            for plan in plans:
+                begun.append(self._start(plan, stage, items))
+        except BaseException:
+            for check in begun:
+                if not isinstance(check, list):
+                    check.close()
+            raise
+        waits = [check for check in begun if not isinstance(check, list)]
+        waited = iter(await asyncio.gather(*waits) if waits else ())
+        results = [check if isinstance(check, list) else next(waited) for check in begun]
         ran, skipped = [p.name for p in plans], self._skipped[stage]
         decisions = []
         for i in range(len(items)):
@@ -220,47 +263,94 @@ class GuardPipeline:
             decisions.append(decision)
         return decisions
 
-    async def _run_guard(
+    def _start(
         self, plan: _Planned, stage: Stage, items: Sequence[GuardInput]
-    ) -> list[GuardVerdict]:
+    ) -> list[GuardVerdict] | Coroutine[Any, Any, list[GuardVerdict]]:
+        """Run a guard's check up to its first wait: its verdicts when it finished, else a
+        coroutine that finishes it under the guard's timeout (counted from now)."""
         started = time.perf_counter()
-        kind = "exception"
+        if plan.guard is None:
+            error = _Unavailable("guard not available (not configured)")
+            return self._failed(plan, stage, items, started, "unavailable", error)
+        deadline = asyncio.get_running_loop().time() + plan.timeout_s
         try:
-            if plan.guard is None:
-                kind = "unavailable"
-                raise _Unavailable("guard not available (not configured)")
-            deadline = asyncio.timeout(plan.timeout_s)
+            check = plan.guard.check(items)
+            if not isinstance(check, Coroutine):  # an awaitable of another kind
+                check = _awaited(check)
             try:
-                async with deadline:
-                    verdicts = await plan.guard.check(items)
-            except TimeoutError:
-                if not deadline.expired():
-                    raise  # the guard's own TimeoutError, not ours
-                kind = "timeout"
-                raise TimeoutError(f"timed out after {plan.timeout_s:g}s") from None
-            if len(verdicts) != len(items):
-                raise RuntimeError(f"returned {len(verdicts)} verdicts for {len(items)} inputs")
-            elapsed = time.perf_counter() - started
-            plan.latency.observe(elapsed)
-            for verdict in verdicts:
-                if not verdict.latency_s:
-                    verdict.latency_s = elapsed
-                if verdict.failed:  # the guard failed on this item only
-                    self.metrics.errors.labels(plan.name, stage, "item").inc()
-            return list(verdicts)
+                yielded = check.send(None)
+            except StopIteration as stop:
+                return self._verdicts(plan, stage, items, stop.value, started)
         except Exception as exc:  # a guard failure must never reach the request
-            elapsed = time.perf_counter() - started
-            message = str(exc) or type(exc).__name__
-            self.metrics.errors.labels(plan.name, stage, kind).inc()
-            log.warning(
-                "guard_failed",
-                guard=plan.name,
-                stage=stage,
-                kind=kind,
-                error=message,
-                policy=self.policy.name,
-            )
-            return [GuardVerdict(guard=plan.name, latency_s=elapsed, error=message) for _ in items]
+            return self._failed(plan, stage, items, started, "exception", exc)
+        return self._wait(plan, stage, items, check, yielded, deadline, started)
+
+    async def _wait(
+        self,
+        plan: _Planned,
+        stage: Stage,
+        items: Sequence[GuardInput],
+        check: Coroutine[Any, Any, list[GuardVerdict]],
+        yielded: Any,
+        deadline: float,
+        started: float,
+    ) -> list[GuardVerdict]:
+        """The rest of a check that waits: under its deadline, failures as verdicts."""
+        scope = asyncio.timeout_at(deadline)
+        try:
+            try:
+                async with scope:
+                    verdicts = await _resume(check, yielded)
+            except TimeoutError:
+                if not scope.expired():
+                    raise  # the guard's own TimeoutError, not ours
+                error = TimeoutError(f"timed out after {plan.timeout_s:g}s")
+                return self._failed(plan, stage, items, started, "timeout", error)
+            return self._verdicts(plan, stage, items, verdicts, started)
+        except Exception as exc:  # a guard failure must never reach the request
+            return self._failed(plan, stage, items, started, "exception", exc)
+
+    def _verdicts(
+        self,
+        plan: _Planned,
+        stage: Stage,
+        items: Sequence[GuardInput],
+        verdicts: list[GuardVerdict],
+        started: float,
+    ) -> list[GuardVerdict]:
+        if len(verdicts) != len(items):
+            error = RuntimeError(f"returned {len(verdicts)} verdicts for {len(items)} inputs")
+            return self._failed(plan, stage, items, started, "exception", error)
+        elapsed = time.perf_counter() - started
+        plan.latency.observe(elapsed)
+        for verdict in verdicts:
+            if not verdict.latency_s:
+                verdict.latency_s = elapsed
+            if verdict.failed:  # the guard failed on this item only
+                self.metrics.errors.labels(plan.name, stage, "item").inc()
+        return list(verdicts)
+
+    def _failed(
+        self,
+        plan: _Planned,
+        stage: Stage,
+        items: Sequence[GuardInput],
+        started: float,
+        kind: str,
+        exc: Exception,
+    ) -> list[GuardVerdict]:
+        elapsed = time.perf_counter() - started
+        message = str(exc) or type(exc).__name__
+        self.metrics.errors.labels(plan.name, stage, kind).inc()
+        log.warning(
+            "guard_failed",
+            guard=plan.name,
+            stage=stage,
+            kind=kind,
+            error=message,
+            policy=self.policy.name,
+        )
+        return [GuardVerdict(guard=plan.name, latency_s=elapsed, error=message) for _ in items]
 
     def _record(self, decision: Decision) -> None:
         for category, action in decision.hits.items():

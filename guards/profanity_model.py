@@ -8,15 +8,16 @@ calls it on every input and every output, and it was most of a guarded request's
 
 `LinearProfanityModel` reads the fitted parameters (the vocabulary and idf weights, each
 classifier's coefficients and its calibrator's slope and offset) and computes the same
-probability per text: l2-normalised tf-idf over the vectorizer's own analyzer, the five
-decision values in one product, and the mean of `expit(-(a * d + b))`. It applies only when the
+probability per text: l2-normalised tf-idf over the vectorizer's own analyzer (for single
+words its tokenizer alone), the five decision values, and the mean of `expit(-(a * d + b))`, with
+one pass of array operations for a whole batch (a streamed check brings a few short sentences,
+and array calls per text cost more than their arithmetic). It applies only when the
 fitted objects have exactly that shape (else `of` returns None and the package's own call is
 used); tests/guards/test_profanity.py compares both on every line of the eval sets.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -81,7 +82,7 @@ class LinearProfanityModel:
         if len(columns) == 0 or columns[0].shape != idf.shape:
             return None
         return cls(
-            vectorizer.build_analyzer(),
+            _word_tokens(vectorizer),
             dict(vectorizer.vocabulary_),
             idf,
             np.ascontiguousarray(np.stack(columns, axis=1)),
@@ -91,19 +92,54 @@ class LinearProfanityModel:
         )
 
     def __call__(self, texts: list[str]) -> list[float]:
-        return [self._probability(text) for text in texts]
-
-    def _probability(self, text: str) -> float:
+        """The probability of each text."""
         vocabulary = self._vocabulary
-        counts = Counter(
-            index for token in self._analyzer(text) if (index := vocabulary.get(token)) is not None
-        )
-        decision = self._intercepts
-        if counts:
-            indices = np.fromiter(counts.keys(), dtype=np.intp, count=len(counts))
-            tfidf = np.fromiter(counts.values(), dtype=np.float64, count=len(counts))
-            tfidf *= self._idf[indices]
-            tfidf /= np.sqrt(np.dot(tfidf, tfidf))
-            decision = tfidf @ self._weights[indices] + self._intercepts
-        calibrated = 1.0 / (1.0 + np.exp(self._slopes * decision + self._offsets))
-        return float(calibrated.mean())
+        indices: list[int] = []  # the known tokens of all texts, text after text
+        counts: list[int] = []
+        owners: list[int] = []  # which text each entry of `indices` belongs to
+        for i, text in enumerate(texts):
+            found: dict[int, int] = {}
+            for token in self._analyzer(text):
+                index = vocabulary.get(token)
+                if index is not None:
+                    found[index] = found.get(index, 0) + 1
+            indices.extend(found)
+            counts.extend(found.values())
+            owners.extend([i] * len(found))
+        # Per text: l2-normalised tf-idf, then the five decision values (sums per owner; a text
+        # with no known token keeps the intercepts).
+        at = np.asarray(indices, dtype=np.intp)
+        owner = np.asarray(owners, dtype=np.intp)
+        tfidf = np.asarray(counts, dtype=np.float64) * self._idf[at]
+        norms = np.sqrt(np.bincount(owner, tfidf * tfidf, minlength=len(texts)))
+        tfidf /= norms[owner]
+        terms = tfidf[:, None] * self._weights[at]  # (entries, classifiers)
+        width = terms.shape[1]
+        cells = (owner[:, None] * width + np.arange(width)).ravel()  # (text, classifier) cells
+        sums = np.bincount(cells, weights=terms.ravel(), minlength=len(texts) * width)
+        decisions = sums.reshape(len(texts), width) + self._intercepts
+        calibrated = 1.0 / (1.0 + np.exp(self._slopes * decisions + self._offsets))
+        # The mean over classifiers (as `ndarray.mean` computes it, without its call overhead).
+        return (np.add.reduce(calibrated, axis=1) / width).tolist()  # type: ignore[no-any-return]
+
+
+def _word_tokens(vectorizer: Any) -> Callable[[str], list[str]]:
+    """The vectorizer's analyzer, or, for single words (the package's shape), its preprocessor
+    and tokenizer alone: the stop words it would then drop are not in the vocabulary (checked),
+    so looking them up finds nothing, as dropping them would."""
+    analyzer: Callable[[str], list[str]] = vectorizer.build_analyzer()
+    stop_words = vectorizer.get_stop_words() or ()
+    if (
+        vectorizer.analyzer == "word"
+        and tuple(vectorizer.ngram_range) == (1, 1)
+        and vectorizer.input == "content"
+        and not set(stop_words) & vectorizer.vocabulary_.keys()
+    ):
+        preprocess = vectorizer.build_preprocessor()
+        tokenize = vectorizer.build_tokenizer()
+
+        def words(text: str) -> list[str]:
+            return tokenize(preprocess(text))  # type: ignore[no-any-return]
+
+        return words
+    return analyzer

@@ -65,7 +65,8 @@ def compact(text: str) -> str:
     """The text as the context of a streamed check keeps it (see the module doc)."""
     text = text.translate(INVISIBLE_CHARS)
     text = _WHITESPACE_RUN.sub(_one_space, text)
-    return _COMBINING_RUN.sub(r"\1", text)
+    compacted: str = _COMBINING_RUN.sub(r"\1", text)
+    return compacted
 
 
 def term_span(term: str) -> int:

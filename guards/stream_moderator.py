@@ -37,7 +37,7 @@ BOUNDARY_CHARS = frozenset(".!?;:\n。！？")
 R = TypeVar("R")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModerationStep(Generic[R]):
     """What the stream may do after a feed: send `release`, or stop when `blocked`.
 
@@ -47,6 +47,9 @@ class ModerationStep(Generic[R]):
     release: str = ""
     blocked: bool = False
     result: R | None = None
+
+
+_NOTHING_YET: ModerationStep[Any] = ModerationStep()
 
 
 @dataclass
@@ -109,7 +112,7 @@ class StreamModerator(Generic[R]):
         self.held += text
         self._unchecked += len(text)
         if not self._due():
-            return ModerationStep()
+            return _NOTHING_YET  # most deltas: one shared (frozen) step
         return await self._check_and_release()
 
     async def finish(self) -> ModerationStep[R]:
@@ -147,7 +150,7 @@ class StreamModerator(Generic[R]):
         if self.code_hold is not None and not final:
             # An open fenced code block is neither checked nor released until it closes (or
             # outgrows its window): Code Shield judges a block whole (guards.code_block_hold).
-            limit = self.code_hold.plan(self.released, self.held).release_limit
+            limit = self.code_hold.release_limit(self.released_chars, self.held)
         fresh = self._unchecked > len(self.held) - limit  # new text before any held block
         if final or fresh or self.last_result is None:
             if final:

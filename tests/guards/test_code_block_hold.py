@@ -148,3 +148,29 @@ def test_hold_plan_keeps_text_before_a_fence_flowing() -> None:
     closed = CodeBlockHold(window=1000)
     plan = closed.plan("", "a\n```py\nx = 1\n```\nafter")
     assert plan.text == "a\n```py\nx = 1\n```\nafter"
+
+
+def test_the_hold_scanned_piece_by_piece_decides_as_one_scan_of_the_whole_text() -> None:
+    """`release_limit` scans only the text that arrived since the last call; whatever the
+    pieces, and whatever was released meanwhile, it decides as a fresh hold given the whole
+    text at once."""
+    import random
+
+    rng = random.Random(7)
+    lines = ["Some prose here.", "```python", "```", "~~~", "   ```", "    ```", "`` not", "x = 1"]
+    lines += ["```` four", "````", "~~~~ ~", "", "  ~~~text", "a ``` b", "`"]
+    for _ in range(200):
+        text = "\n".join(rng.choice(lines) for _ in range(rng.randint(1, 12)))
+        text += rng.choice(["", "\n", "\n`", "\n  ``", "\nplain"])
+        hold = CodeBlockHold(window=10**9)
+        released, held, i = 0, "", 0
+        while i < len(text):
+            size = rng.choice([1, 2, 3, 7, 20])
+            held += text[i : i + size]
+            i += size
+            limit = hold.release_limit(released, held)
+            answer = text[: released + len(held)]
+            fresh = CodeBlockHold(window=10**9).release_limit(0, answer) - released
+            assert limit == max(0, fresh), (text, i)
+            cut = rng.randint(0, limit)  # the moderator releases at most the limit
+            released, held = released + cut, held[cut:]

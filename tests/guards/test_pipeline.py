@@ -332,3 +332,67 @@ def test_pipelines_are_cached_per_policy_object() -> None:
     assert pipelines.for_policy(two) is not pipelines.for_policy(one)
     assert pipelines.for_policy(one).policy is one
     assert pipelines.for_policy(three).metrics is GuardMetrics.on(registry)
+
+
+class SlowStartGuard:
+    """Works `busy_s` without yielding (as an in-process guard does), then waits `wait_s`;
+    records whether it saw a cancellation."""
+
+    def __init__(self, name: str, busy_s: float, wait_s: float) -> None:
+        self.name = name
+        self.stages: frozenset[Stage] = frozenset({"input", "output"})
+        self.busy_s = busy_s
+        self.wait_s = wait_s
+        self.cancelled = False
+
+    async def check(self, items: Sequence[GuardInput]) -> list[GuardVerdict]:
+        time.sleep(self.busy_s)
+        try:
+            await asyncio.sleep(self.wait_s)
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+        return [GuardVerdict(guard=self.name) for _ in items]
+
+
+async def test_guards_that_never_wait_and_guards_that_wait_decide_together() -> None:
+    # profanity answers without waiting (run inline, no task); the jailbreak guard waits.
+    registry = CollectorRegistry()
+    guards: dict[str, Guard] = {
+        "profanity": FakeGuard("profanity", severity="high"),
+        "jailbreak_heuristic": FakeGuard("jailbreak_heuristic", delay=0.05),
+    }
+    policy = _policy(POLICY.replace("guard_timeout_s: 0.2", "guard_timeout_s: 2"))
+    pipeline = GuardPipeline(policy, guards, registry)
+    decisions = await pipeline.run("input", [_prompt("hello"), _prompt("again")])
+    assert [d.blocked for d in decisions] == [True, True]
+    assert all(d.hits == {"profanity": "block"} for d in decisions)
+    assert all(
+        set(d.latencies) == {"blocklist", "profanity", "jailbreak_heuristic"} for d in decisions
+    )
+    assert decisions[0].latencies["jailbreak_heuristic"] >= 0.05
+    for guard in ("profanity", "jailbreak_heuristic"):
+        count = "gateway_guard_latency_seconds_count"
+        assert _sample(registry, count, guard=guard, stage="input") == 1.0
+
+
+async def test_the_timeout_counts_a_guards_work_before_its_first_wait() -> None:
+    # 0.15 s of work before the first wait, then 0.1 s of waiting: past the 0.2 s timeout.
+    registry = CollectorRegistry()
+    guards = _guards(FakeGuard("profanity"))
+    guards["profanity"] = SlowStartGuard("profanity", busy_s=0.15, wait_s=0.1)
+    (decision,) = await GuardPipeline(_policy(), guards, registry).run("input", [_prompt("x")])
+    assert decision.errors == {"profanity": "timed out after 0.2s"}
+    assert _errors(registry, "timeout") == 1.0
+
+
+async def test_cancelling_a_run_cancels_the_guards_still_waiting() -> None:
+    waiting = SlowStartGuard("profanity", busy_s=0.0, wait_s=30)
+    policy = _policy(POLICY.replace("guard_timeout_s: 0.2", "guard_timeout_s: 60"))
+    pipeline = GuardPipeline(policy, _guards(FakeGuard("profanity")) | {"profanity": waiting})
+    task = asyncio.create_task(pipeline.run("input", [_prompt("x")]))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert waiting.cancelled
