@@ -334,7 +334,7 @@ def test_pipelines_are_cached_per_policy_object() -> None:
     assert pipelines.for_policy(three).metrics is GuardMetrics.on(registry)
 
 
-class SlowStartGuard:
+class SlowStartGuard(Guard):
     """Works `busy_s` without yielding (as an in-process guard does), then waits `wait_s`;
     records whether it saw a cancellation."""
 
