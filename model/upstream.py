@@ -4,7 +4,9 @@
 connections per route (`model.http1`, created at start; why not httpx or aiohttp: see the
 class). A streaming request goes up with `stream: true` and `stream_options.include_usage`;
 the SSE bytes are parsed incrementally and each content delta is yielded as soon as its event
-is complete (nothing is re-buffered), then one `Finished`. A non-streaming request goes up
+is complete (nothing is re-buffered), then one `Finished`. The deltas of one read are merged
+(`coalesce_deltas`): when the upstream outruns the gateway, the output guards and the client
+see one piece per read instead of one per token, the same text a little sooner. A non-streaming request goes up
 with `stream: false` (the gateway needs the whole answer before its output guards anyway): one
 JSON answer to parse instead of an event per token, and the upstream writes it once. It is
 silent until it is whole, so `read_timeout_s` (the longest silence) does not apply to it; the
@@ -19,7 +21,8 @@ retry would duplicate it).
 Token counts: the upstream's `usage` when it sends one. Otherwise the prompt is counted like
 `count_prompt_tokens` (exact with the route's `tokenizer_path`, else the estimate in
 `model.openai_wire`: ceil(text characters / 4) + 1 per image) and the completion is the number
-of non-empty content deltas (one delta is one token on vLLM, TGI and this gateway).
+of non-empty content events, counted before merging (one event is one token on vLLM, TGI
+and this gateway).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from model.openai_wire import (
     SSEParser,
     StreamState,
     build_messages,
+    coalesce_deltas,
     finished,
     json_bytes,
     sampling_fields,
@@ -219,11 +223,19 @@ class OpenAIUpstreamEngine(Engine):
                 chunk = await response.read(deadline)
                 if not chunk:
                     break
+                events, failure = [], None
                 for data in parser.feed(chunk):
-                    for event in sse_events(data, state):
-                        yield event
+                    try:
+                        events.extend(sse_events(data, state))
+                    except UpstreamError as exc:
+                        failure = exc  # after what came before it in this read
+                        break
                     if state.done:
                         break
+                for event in coalesce_deltas(events):
+                    yield event
+                if failure is not None:
+                    raise failure
             if not state.done and state.finish is None:
                 raise UpstreamUnavailable("The upstream closed the stream before it finished.")
             await _drain(response, deadline)

@@ -36,7 +36,7 @@ from model.engine import (
     TopLogprob,
 )
 from model.errors import UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
-from model.openai_wire import SSEParser, estimate_prompt_tokens
+from model.openai_wire import SSEParser, coalesce_deltas, estimate_prompt_tokens
 from model.upstream import OpenAIUpstreamEngine, UpstreamConfig
 
 WORDS = ["Hel", "lo", " world"]
@@ -102,6 +102,8 @@ class MockUpstream:
             raise RuntimeError("connection dropped by the mock")
         if mode == "slow":
             return await self.slow(rid, receive, send)
+        if mode == "burst":  # every event in one write: the gateway reads them together
+            return await _send(send, burst_events(), more=False)
         await _send(send, b": keep-alive comment\r\n\r\n")
         for word in WORDS:
             await _send(send, _chunk({"content": word}))
@@ -140,6 +142,39 @@ UPSTREAM_CALLS = [
     {"id": "u1", "type": "function", "function": {"name": "a", "arguments": '{"x": 1}'}},
     {"id": "u2", "type": "function", "function": {"name": "b", "arguments": "{}"}},
 ]
+
+
+def _logprob(token: str) -> dict[str, Any]:
+    data = list(token.encode())
+    return {"token": token, "logprob": -0.25, "bytes": data, "top_logprobs": []}
+
+
+def burst_events() -> bytes:
+    """Two words with logprobs, a tool call, a last word, the finish and usage, in one write."""
+    words = [
+        _sse(
+            {
+                "choices": [
+                    {"index": 0, "delta": {"content": w}, "logprobs": {"content": [_logprob(w)]}}
+                ]
+            }
+        )
+        for w in ("Hel", "lo")
+    ]
+    call = {
+        "index": 0,
+        "id": "u1",
+        "type": "function",
+        "function": {"name": "a", "arguments": "{}"},
+    }
+    return b"".join(
+        [
+            *words,
+            _chunk({"tool_calls": [call]}, "tool_calls"),
+            _sse({"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 4}}),
+            b"data: [DONE]\n\n",
+        ]
+    )
 
 
 async def tool_call_answer(body: dict[str, Any], send: Send) -> None:
@@ -273,10 +308,16 @@ def texts(events: list[EngineEvent]) -> list[str]:
     return [e.text for e in events if isinstance(e, TextDelta)]
 
 
+def answer(events: list[EngineEvent]) -> str:
+    """The streamed text: deltas that arrive in one read are merged (`coalesce_deltas`), so
+    how the words split into events depends on timing; their text and order do not."""
+    return "".join(texts(events))
+
+
 async def test_streams_deltas_in_order_with_upstream_usage(mock: MockServer) -> None:
     req = request(TextPart("Hi"), temperature=0.5, top_p=0.9, seed=7, stop=("END",))
     events = await collect(engine_for(mock, "ok"), req)
-    assert texts(events) == WORDS
+    assert answer(events) == "".join(WORDS)
     assert events[-1] == Finished("stop", 11, 3)
     (body,) = mock.app.bodies[req.request_id]
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
@@ -297,6 +338,29 @@ async def test_streams_deltas_in_order_with_upstream_usage(mock: MockServer) -> 
         "stop": ["END"],
     }
     assert mock.app.headers[req.request_id]["authorization"] == "Bearer sk-upstream"
+
+
+async def test_events_that_arrive_in_one_read_are_merged(mock: MockServer) -> None:
+    """Adjacent text deltas of one read become one (logprobs in order); a tool-call delta is
+    never merged into text; the usage still counts what the upstream said."""
+    events = await collect(engine_for(mock, "burst"), request(TextPart("Hi")))
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    assert (deltas[0].text, deltas[0].tool_calls) == ("Hello", False)
+    assert [lp.token for lp in deltas[0].logprobs] == ["Hel", "lo"]
+    assert len(deltas) == 2 and deltas[1].tool_calls and '"name": "a"' in deltas[1].text
+    assert events[-1] == Finished("stop", 11, 4)  # the gateway says tool_calls
+
+
+def test_coalesce_deltas_keeps_order_and_kinds() -> None:
+    a, b = TextDelta("a"), TextDelta("b", (TokenLogprob("b", -1.0, (98,)),))
+    call, done = TextDelta("[call]", tool_calls=True), Finished("stop", 1, 3)
+    assert coalesce_deltas([a]) == [a]
+    assert coalesce_deltas([a, b, call, a, done]) == [
+        TextDelta("ab", b.logprobs),
+        call,
+        a,
+        done,
+    ]
 
 
 async def test_the_pooled_connection_is_reused(mock: MockServer) -> None:
@@ -385,7 +449,7 @@ async def test_garbage_json_is_bad_response_502(mock: MockServer) -> None:
 async def test_retries_a_503_before_the_first_token(mock: MockServer) -> None:
     req = request(TextPart("Hi"))
     events = await collect(engine_for(mock, "flaky", retries=2), req)
-    assert texts(events) == WORDS and events[-1] == Finished("stop", 11, 3)
+    assert answer(events) == "".join(WORDS) and events[-1] == Finished("stop", 11, 3)
     assert len(mock.app.bodies[req.request_id]) == 2
 
 
@@ -410,7 +474,7 @@ async def test_never_retries_after_the_first_token(mock: MockServer) -> None:
 async def test_missing_usage_is_counted(mock: MockServer) -> None:
     req = request(TextPart("Hello there, how are you?"))  # 25 + 9 characters
     events = await collect(engine_for(mock, "nousage"), req)
-    assert texts(events) == WORDS
+    assert answer(events) == "".join(WORDS)
     assert events[-1] == Finished("stop", estimate_prompt_tokens(req.messages), 3)
     assert estimate_prompt_tokens(req.messages) == 9  # ceil(34 / 4)
 
@@ -450,7 +514,7 @@ async def test_the_read_timeout_bounds_streams_not_whole_answers(mock: MockServe
 
 async def test_an_upstream_that_streams_anyway_still_works(mock: MockServer) -> None:
     events = await collect(engine_for(mock, "filtered"), request(TextPart("Hi"), stream=False))
-    assert texts(events) == WORDS
+    assert answer(events) == "".join(WORDS)
     assert isinstance(events[-1], Finished) and events[-1].reason == "content_filter"
 
 
