@@ -6,7 +6,8 @@ class). A streaming request goes up with `stream: true` and `stream_options.incl
 the SSE bytes are parsed incrementally and each content delta is yielded as soon as its event
 is complete (nothing is re-buffered), then one `Finished`. The deltas of one read are merged
 (`coalesce_deltas`): when the upstream outruns the gateway, the output guards and the client
-see one piece per read instead of one per token, the same text a little sooner. A non-streaming request goes up
+see one piece per read instead of one per token, the same text a little sooner.
+A non-streaming request goes up
 with `stream: false` (the gateway needs the whole answer before its output guards anyway): one
 JSON answer to parse instead of an event per token, and the upstream writes it once. It is
 silent until it is whole, so `read_timeout_s` (the longest silence) does not apply to it; the
