@@ -51,6 +51,7 @@ class ChoiceStream:
         self.index = index
         self.open = True
         self._chat = chat
+        self._tokens = chat.tokens
         self._writer = writer
         self._stop_generating = stop_generating
         self._wants_logprobs = bool(chat.request.logprobs)
@@ -76,49 +77,45 @@ class ChoiceStream:
     async def take(self, event: TextDelta | Finished) -> bool:
         """One engine event of this choice; returns whether moderation released text that
         went out as content (the stream's first such text is its first token)."""
+        moderator = self._moderator
+        step: ModerationStep[Decision]
         if isinstance(event, TextDelta):
-            step = await self._produced(event)
             finished = None
+            self._tokens.streamed(self.index)
+            self._logprobs.add(event.text, event.logprobs)
+            self._tools.produced(event.text, event.tool_calls)
+            if moderator is None:
+                step = ModerationStep(release=event.text)
+            else:
+                step = await moderator.feed(event.text)
         else:
             finished = checked_finish(event)  # an engine error or cancellation raises here
-            self._chat.tokens.finish(self.index, finished)
-            step = await self._moderator.finish() if self._moderator else _NOTHING
+            self._tokens.finish(self.index, finished)
+            step = await moderator.finish() if moderator else _NOTHING
         if step.result is not None:
             self._results = step.result.content_filter_results()
-        sent = self._release(step.release)
+        # What moderation released, less what the tool-call hold keeps, goes out.
+        text = self._tools.feed(step.release) if step.release else ""
+        if text:
+            self._send(text)
         if step.blocked:
             self._withhold()
         elif finished is not None:
             self._end(finished.reason)
-        return sent
-
-    async def _produced(self, delta: TextDelta) -> ModerationStep[Decision]:
-        self._chat.tokens.streamed(self.index)
-        self._logprobs.add(delta.text, delta.logprobs)
-        self._tools.produced(delta.text, delta.tool_calls)
-        if self._moderator is None:
-            return ModerationStep(release=delta.text)
-        return await self._moderator.feed(delta.text)
-
-    def _release(self, released: str) -> bool:
-        """Text that moderation released: what the tool-call hold lets through goes out."""
-        text = self._tools.feed(released) if released else ""
-        if text:
-            self._send(text)
         return bool(text)
 
     def _send(self, text: str) -> None:
         """Content, with the logprobs of the tokens whose text it completes."""
         released = self._logprobs.release(len(text))
         logprobs: Logprobs | None = openai_logprobs(released) if self._wants_logprobs else None
-        self._writer.content(self.index, text, logprobs, self._results)
+        self._writer.chunk(self.index, {"content": text}, None, self._results, logprobs)
 
     def _withhold(self) -> None:
         """A violation: stop generating what will never be sent, and end the choice."""
         self.open = False
         self._stop_generating()
         log.info("completion_withheld", choice=self.index, policy=self._chat.policy.name)
-        self._writer.finish(self.index, "content_filter", self._results)
+        self._writer.chunk(self.index, {}, "content_filter", self._results)
 
     def _end(self, reason: str) -> None:
         """The engine finished and the whole answer passed: what was held, then the reason."""
@@ -127,8 +124,8 @@ class ChoiceStream:
         if tail:
             self._send(tail)
         for delta in call_deltas:
-            self._writer.delta(self.index, delta, self._results)
-        self._writer.finish(self.index, "tool_calls" if call_deltas else reason, self._results)
+            self._writer.chunk(self.index, delta, None, self._results)
+        self._writer.chunk(self.index, {}, "tool_calls" if call_deltas else reason, self._results)
 
 
 class OutputJudge:

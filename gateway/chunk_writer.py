@@ -46,60 +46,28 @@ class ChunkWriter:
         self._system_fingerprint = system_fingerprint
         self._usage_field = chat.request.wants_usage_chunk
         self._moderated = moderated
-        self._pending: list[bytes] = []
+        self.pending: list[bytes] = []  # encoded, not written yet
         self._written_at = float("-inf")
 
     # -- chunks ----------------------------------------------------------------------------
     def role(self, index: int, results: ContentFilterResults) -> None:
         """A choice's first chunk (choice 0's carries the prompt's filter results)."""
-        body = self._body(index, {"role": "assistant", "content": ""}, None, results, None)
-        if index == 0:
-            body["prompt_filter_results"] = self._chat.prompt_filter_results()
-        self._add(body)
+        self.chunk(index, {"role": "assistant", "content": ""}, None, results, first=index == 0)
 
-    def content(
-        self, index: int, text: str, logprobs: Logprobs | None, results: ContentFilterResults
-    ) -> None:
-        self._add(self._body(index, {"content": text}, None, results, logprobs))
-
-    def delta(self, index: int, delta: Delta, results: ContentFilterResults) -> None:
-        """A delta of its own, such as a piece of a tool call."""
-        self._add(self._body(index, delta, None, results, None))
-
-    def finish(self, index: int, reason: str, results: ContentFilterResults) -> None:
-        self._add(self._body(index, {}, reason, results, None))
-
-    def end(self, tokens: TokenLedger) -> None:
-        """The usage chunk (when the request asked for it) and `[DONE]`."""
-        if self._usage_field:
-            chat = self._chat
-            last: ChatCompletionChunk = {
-                "id": chat.completion_id,
-                "object": "chat.completion.chunk",
-                "created": chat.created,
-                "model": chat.model_id,
-                "system_fingerprint": self._system_fingerprint,
-                "choices": [],
-                "usage": tokens.usage(),
-            }
-            self._pending.append(sse(last))
-        self._pending.append(sse("[DONE]"))
-
-    def error(self, envelope: Mapping[str, Any]) -> None:
-        """A failure after the stream began: the error's envelope, then `[DONE]` (what passed
-        moderation before it is still sent)."""
-        self._pending += (sse(envelope), sse("[DONE]"))
-
-    def _body(
+    def chunk(
         self,
         index: int,
         delta: Delta,
         finish: str | None,
         results: ContentFilterResults,
-        logprobs: Logprobs | None,
-    ) -> ChatCompletionChunk:
+        logprobs: Logprobs | None = None,
+        *,
+        first: bool = False,
+    ) -> None:
+        """One choice's chunk: a delta (content, a piece of a tool call, or `{}` with the
+        finish reason)."""
         chat = self._chat
-        return {
+        body: ChatCompletionChunk = {
             "id": chat.completion_id,
             "object": "chat.completion.chunk",
             "created": chat.created,
@@ -115,24 +83,42 @@ class ChunkWriter:
                 }
             ],
         }
-
-    def _add(self, body: ChatCompletionChunk) -> None:
+        if first:
+            body["prompt_filter_results"] = chat.prompt_filter_results()
         if self._usage_field:
             body["usage"] = None  # as OpenAI does on every chunk but the last
-        self._pending.append(sse(body))
+        self.pending.append(sse(body))
+
+    def end(self, tokens: TokenLedger) -> None:
+        """The usage chunk (when the request asked for it) and `[DONE]`."""
+        if self._usage_field:
+            chat = self._chat
+            last: ChatCompletionChunk = {
+                "id": chat.completion_id,
+                "object": "chat.completion.chunk",
+                "created": chat.created,
+                "model": chat.model_id,
+                "system_fingerprint": self._system_fingerprint,
+                "choices": [],
+                "usage": tokens.usage(),
+            }
+            self.pending.append(sse(last))
+        self.pending.append(sse("[DONE]"))
+
+    def error(self, envelope: Mapping[str, Any]) -> None:
+        """A failure after the stream began: the error's envelope, then `[DONE]` (what passed
+        moderation before it is still sent)."""
+        self.pending += (sse(envelope), sse("[DONE]"))
 
     # -- writes ----------------------------------------------------------------------------
-    def due(self, events_waiting: bool) -> bool:
-        """Whether the held chunks should be written before the stream waits again: when no
-        engine event is waiting, or, moderated, when the last write is MODERATED_FLUSH_S old."""
-        return bool(self._pending) and (
-            not events_waiting
-            or (self._moderated and time.monotonic() - self._written_at >= MODERATED_FLUSH_S)
-        )
+    def interval_elapsed(self) -> bool:
+        """Whether held chunks should be written although engine events are waiting: when
+        moderated, and the last write is MODERATED_FLUSH_S old."""
+        return self._moderated and time.monotonic() - self._written_at >= MODERATED_FLUSH_S
 
     def take(self) -> bytes:
         """The held chunks, as one write."""
-        data = b"".join(self._pending)
-        self._pending.clear()
+        data = b"".join(self.pending)
+        self.pending.clear()
         self._written_at = time.monotonic()
         return data

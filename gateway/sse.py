@@ -83,7 +83,10 @@ class ChatStream:
             for choice in choices:
                 choice.begin()
             while any(c.open for c in choices):
-                if writer.due(events_waiting=bool(self._early) or not self._queue.empty()):
+                # Write what is held before waiting: at once when no engine event is waiting.
+                if writer.pending and (
+                    (not self._early and self._queue.empty()) or writer.interval_elapsed()
+                ):
                     yield writer.take()
                 index, event = await self._next()
                 choice = choices[index]
