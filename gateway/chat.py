@@ -1,4 +1,5 @@
-"""Serving chat completions: a parsed request in, an OpenAI-shaped answer or SSE stream out."""
+"""Serving chat completions: intake (parse, route, count), the guards' checks, and the
+non-streamed answer (the streamed one is `gateway.sse`)."""
 
 from __future__ import annotations
 
