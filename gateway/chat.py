@@ -1,4 +1,5 @@
-"""Serving chat completions: a parsed request in, an OpenAI-shaped answer or SSE stream out."""
+"""Serving chat completions: intake (parse, route, count), the guards' checks, and the
+non-streamed answer (the streamed one is `gateway.sse`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from typing import Any, TypeVar
 
 import structlog
 
-from gateway.audit import AuditContext
 from gateway.errors import (
     ContentFiltered,
     InvalidRequest,
@@ -25,13 +25,15 @@ from gateway.image_tokens import ImageTokenCounter
 from gateway.images import ImageLoader
 from gateway.metrics import GatewayMetrics
 from gateway.model_router import ModelRouter
+from gateway.prepared_chat import PreparedChat
 from gateway.protocol import ChatCompletionRequest, ChatMessage, ImageContentPart
 from gateway.settings import Settings
+from gateway.token_ledger import TokenLedger
 from gateway.tool_calls import answer_message, tools_json
+from gateway.wire_shapes import ChatCompletion, Choice
 from guards.base import GuardInput
 from guards.decision import Decision
-from guards.pipeline import GuardPipeline, log_decision
-from guards.policy import Policy
+from guards.pipeline import log_decision
 from model.engine import (
     ChatTurn,
     Engine,
@@ -48,54 +50,6 @@ from model.logprobs import openai_logprobs
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-
-
-@dataclass
-class PreparedChat:
-    """A validated request, ready for the engine."""
-
-    request: ChatCompletionRequest
-    completion_id: str
-    created: int
-    model_id: str
-    engine: Engine
-    engine_requests: list[EngineRequest]
-    turns: tuple[ChatTurn, ...]
-    policy: Policy
-    pipeline: GuardPipeline
-    # Text tokens plus `image_tokens` (what usage reports and TPM reserves).
-    prompt_tokens: int
-    max_tokens: int
-    started: float
-    # Vision tokens of the request's images, and how many `<|image|>` placeholders the text
-    # count has (each image is counted as its vision tokens instead of its placeholder).
-    image_tokens: int = 0
-    image_placeholders: int = 0
-    # Completion tokens known so far (exact for finished choices, one per delta otherwise):
-    # what the rate limiter is settled with if the client leaves early.
-    completion_tokens: int = 0
-    input_decision: Decision | None = None
-    audit_context: AuditContext | None = None
-
-    def prompt_filter_results(self) -> list[dict[str, Any]]:
-        if self.input_decision is None:
-            return self.pipeline.safe_decision("input").prompt_filter_results()
-        return self.input_decision.prompt_filter_results()
-
-    def with_images(self, text_tokens: int) -> int:
-        """Prompt tokens for usage and TPM: the text's, each image as its vision tokens (an
-        upstream's own count is taken as it is: it may count images its own way)."""
-        if not self.engine.info.image_placeholder_usage:
-            return text_tokens
-        return text_tokens - self.image_placeholders + self.image_tokens
-
-    @property
-    def reserved_completion_tokens(self) -> int:
-        return self.max_tokens * len(self.engine_requests)
-
-    @property
-    def used_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
 
 
 @dataclass
@@ -187,11 +141,15 @@ class ChatService:
             turns=turns,
             policy=policy,
             pipeline=self._guards.pipeline(policy),
-            prompt_tokens=prompt_tokens - len(probe.images) + image_tokens,
-            max_tokens=max_tokens,
+            tokens=TokenLedger.admitted(
+                text_tokens=prompt_tokens,
+                images=len(probe.images),
+                image_tokens=image_tokens,
+                choices=len(engine_requests),
+                max_tokens=max_tokens,
+                counts_placeholders=engine.info.image_placeholder_usage,
+            ),
             started=started,
-            image_tokens=image_tokens,
-            image_placeholders=len(probe.images),
         )
 
     def image_tokens(self, engine: Engine, images: list[Any]) -> int:
@@ -279,16 +237,12 @@ class ChatService:
             self._guards.audit_decision(decision, chat.policy, chat.audit_context, text)
         return decisions
 
-    def stream_auditor(self, chat: PreparedChat) -> Callable[[Decision, str], None]:
+    def audit_output(self, chat: PreparedChat, decision: Decision, text: str) -> None:
         """For a streamed choice: audit one output decision with the text it judged."""
-
-        def audit(decision: Decision, text: str) -> None:
-            self._guards.audit_decision(decision, chat.policy, chat.audit_context, text)
-
-        return audit
+        self._guards.audit_decision(decision, chat.policy, chat.audit_context, text)
 
     # -- non-streaming ---------------------------------------------------------------------
-    async def complete(self, chat: PreparedChat) -> dict[str, Any]:
+    async def complete(self, chat: PreparedChat) -> ChatCompletion:
         requests = chat.engine_requests
         try:
             if len(requests) == 1:  # the usual n=1: no task for gather to wrap it in
@@ -299,35 +253,12 @@ class ChatService:
             raise as_gateway_error(exc) from exc
         # The guards judge the whole answer: its text and the calls it makes.
         decisions = await self.check_output(chat, [o.text + o.calls for o in outcomes])
-        choices = []
-        completion_tokens = 0
+        tokens = chat.tokens
+        choices: list[Choice] = []
         for index, (outcome, decision) in enumerate(zip(outcomes, decisions, strict=True)):
-            finished = outcome.finished
-            completion_tokens += finished.completion_tokens
-            # A withheld completion: finish_reason content_filter, and none of its text (nor of
-            # its logprobs, which spell the same text, nor a tool call, whose arguments the
-            # guards judged as that text).
-            message, reason = answer_message(
-                chat.request, outcome.text, finished.reason, outcome.calls
-            )
-            if decision.blocked:
-                message, reason = {"role": "assistant", "content": ""}, "content_filter"
-            choices.append(
-                {
-                    "index": index,
-                    "message": message,
-                    "logprobs": (
-                        openai_logprobs(outcome.logprobs)
-                        if chat.request.logprobs and reason in ("stop", "length")
-                        else None
-                    ),
-                    "finish_reason": reason,
-                    "content_filter_results": decision.content_filter_results(),
-                }
-            )
-        prompt_tokens = chat.with_images(outcomes[0].finished.prompt_tokens)
-        chat.prompt_tokens, chat.completion_tokens = prompt_tokens, completion_tokens
-        self.count_tokens(prompt_tokens, completion_tokens)
+            tokens.finish(index, outcome.finished)
+            choices.append(_choice(chat.request, index, outcome, decision))
+        self.count_tokens(tokens)
         return {
             "id": chat.completion_id,
             "object": "chat.completion",
@@ -335,7 +266,7 @@ class ChatService:
             "model": chat.model_id,
             "choices": choices,
             "prompt_filter_results": chat.prompt_filter_results(),
-            "usage": usage_body(prompt_tokens, completion_tokens, chat.image_tokens),
+            "usage": tokens.usage(),
             "system_fingerprint": self.system_fingerprint,
         }
 
@@ -366,9 +297,31 @@ class ChatService:
     def observe_first_token(self, chat: PreparedChat) -> None:
         self._metrics.time_to_first_token.observe(time.perf_counter() - chat.started)
 
-    def count_tokens(self, prompt_tokens: int, completion_tokens: int) -> None:
-        self._metrics.tokens_in.inc(prompt_tokens)
-        self._metrics.tokens_out.inc(completion_tokens)
+    def count_tokens(self, tokens: TokenLedger) -> None:
+        self._metrics.tokens_in.inc(tokens.prompt)
+        self._metrics.tokens_out.inc(tokens.completion)
+
+
+def _choice(
+    request: ChatCompletionRequest, index: int, outcome: Outcome, decision: Decision
+) -> Choice:
+    # A withheld completion: finish_reason content_filter, and none of its text (nor of its
+    # logprobs, which spell the same text, nor a tool call, whose arguments the guards judged
+    # as that text).
+    message, reason = answer_message(request, outcome.text, outcome.finished.reason, outcome.calls)
+    if decision.blocked:
+        message, reason = {"role": "assistant", "content": ""}, "content_filter"
+    return {
+        "index": index,
+        "message": message,
+        "logprobs": (
+            openai_logprobs(outcome.logprobs)
+            if request.logprobs and reason in ("stop", "length")
+            else None
+        ),
+        "finish_reason": reason,
+        "content_filter_results": decision.content_filter_results(),
+    }
 
 
 async def _all_or_nothing(work: list[Coroutine[Any, Any, T]]) -> list[T]:
@@ -395,17 +348,6 @@ def checked_finish(event: Finished) -> Finished:
     if event.reason == "cancelled":
         raise ServiceUnavailable("The request was cancelled by the engine (shutting down).")
     return event
-
-
-def usage_body(prompt_tokens: int, completion_tokens: int, image_tokens: int = 0) -> dict[str, Any]:
-    """`prompt_tokens` includes `image_tokens` (also reported on their own)."""
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0, "image_tokens": image_tokens},
-        "completion_tokens_details": None,
-    }
 
 
 def _context_error(context: int, prompt_tokens: int, asked: int) -> InvalidRequest:

@@ -15,9 +15,10 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.admin import require_admin
 from gateway.audit import AuditContext
-from gateway.chat import ChatService, PreparedChat
+from gateway.chat import ChatService
 from gateway.errors import ModelNotFound, RequestTooLarge, with_headers
 from gateway.guard_services import policy_header
+from gateway.prepared_chat import PreparedChat
 from gateway.ratelimit import Admission, settle_in_background
 from gateway.services import AppStateDep, Services, ServicesDep, services_of
 from gateway.sse import ChatStream
@@ -75,7 +76,7 @@ class ChatCompletions:
             await send({"type": "http.response.start", "status": 200, "headers": raw})
             await send({"type": "http.response.body", "body": body})
         finally:
-            settle_in_background(services.background, limiter, adm, chat.used_tokens)
+            settle_in_background(services.background, limiter, adm, chat.tokens.total)
 
     async def _stream(
         self,
@@ -124,13 +125,13 @@ async def _admitted(
         key_name=key.name,
         endpoint=CHAT_PATH,
     )
-    adm = await limiter.admit(key, chat.prompt_tokens, chat.reserved_completion_tokens)
+    adm = await limiter.admit(key, chat.tokens.prompt, chat.tokens.reserved_completion)
     headers = adm.headers()
     headers["x-policy"] = policy_header(chat.policy)
     try:
         await chat_service.check_input(chat)
     except Exception as exc:
-        settle_in_background(services.background, limiter, adm, chat.prompt_tokens)
+        settle_in_background(services.background, limiter, adm, chat.tokens.total)
         raise with_headers(exc, headers) from None
     return chat, adm, headers
 

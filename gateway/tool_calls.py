@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from gateway.errors import InvalidRequest
+from gateway.wire_shapes import AssistantMessage, ToolCall
 from model.schema_check import SchemaError, canonical_schema
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ class ParsedToolCall:
     name: str
     arguments: str  # a JSON object, as text
 
-    def openai(self, call_id: str) -> dict[str, Any]:
+    def openai(self, call_id: str) -> ToolCall:
         return {
             "id": call_id,
             "type": "function",
@@ -202,7 +203,7 @@ def calls_in_answer(request: ChatCompletionRequest, text: str, reason: str) -> l
 
 def answer_message(
     request: ChatCompletionRequest, text: str, reason: str, upstream_calls: str = ""
-) -> tuple[dict[str, Any], str]:
+) -> tuple[AssistantMessage, str]:
     """A non-streamed choice's `message` and `finish_reason`: calls, or the text.
 
     `upstream_calls`: an upstream's structured calls as call text (its content is `text`)."""
@@ -216,5 +217,9 @@ def answer_message(
             return {"role": "assistant", "content": text}, reason
         text = ""
     tool_calls = [call.openai(new_call_id()) for call in calls]
-    message = {"role": "assistant", "content": text or None, "tool_calls": tool_calls}
+    message: AssistantMessage = {
+        "role": "assistant",
+        "content": text or None,
+        "tool_calls": tool_calls,
+    }
     return message, "tool_calls"

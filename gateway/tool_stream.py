@@ -10,7 +10,7 @@ call (`required` or a named function) is always held.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from gateway.tool_calls import (
     ParsedToolCall,
@@ -20,6 +20,7 @@ from gateway.tool_calls import (
     tool_names,
     tools_active,
 )
+from gateway.wire_shapes import Delta, ToolCallDelta
 
 if TYPE_CHECKING:
     from gateway.protocol import ChatCompletionRequest
@@ -67,7 +68,7 @@ class ToolCallStream:
         out, self._held = self._held, ""
         return out
 
-    def finish(self, reason: str) -> tuple[str, list[dict[str, Any]]]:
+    def finish(self, reason: str) -> tuple[str, list[Delta]]:
         """At the end: (text still to send, tool-call deltas); deltas replace the text."""
         held, self._held = self._held, ""
         if self._calls:  # an upstream's calls: content (if any) was text, sent or held
@@ -81,10 +82,10 @@ class ToolCallStream:
         return "", self._call_deltas(calls)
 
     @staticmethod
-    def _call_deltas(calls: list[ParsedToolCall]) -> list[dict[str, Any]]:
-        deltas: list[dict[str, Any]] = []
+    def _call_deltas(calls: list[ParsedToolCall]) -> list[Delta]:
+        deltas: list[Delta] = []
         for index, call in enumerate(calls):
-            head = {
+            head: ToolCallDelta = {
                 "index": index,
                 "id": new_call_id(),
                 "type": "function",

@@ -1,6 +1,6 @@
 """Streamed moderation through the real guard pipeline: bounded context, no leaks, linear cost.
 
-Each stream runs as the gateway runs it (`gateway.sse.ChoiceStream`): a `StreamModerator`
+Each stream runs as the gateway runs it (`gateway.choice_stream.ChoiceStream`): a `StreamModerator`
 whose check is `GuardPipeline.run("output", ...)` with the policy's window and the context that
 `stream_context_chars` gives for the policy and the guards that run.
 """
