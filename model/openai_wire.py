@@ -353,34 +353,6 @@ def sse_events(data: bytes, state: StreamState) -> list[EngineEvent]:
     return events
 
 
-def coalesce_deltas(events: list[EngineEvent]) -> list[EngineEvent]:
-    """The events of one read from the upstream, adjacent text deltas merged into one (their
-    logprobs in order; tool-call deltas never merged). They arrived together, so none is sent
-    later; an upstream that outruns the gateway (a token per event) then costs one trip through
-    the output guards and one chunk to the client per read, not per token."""
-    if len(events) < 2:
-        return events
-    merged: list[EngineEvent] = []
-    run: list[TextDelta] = []  # adjacent plain text deltas not yet merged
-
-    def flush() -> None:
-        if len(run) == 1:
-            merged.append(run[0])
-        elif run:
-            logprobs = tuple(entry for delta in run for entry in delta.logprobs)
-            merged.append(TextDelta("".join(delta.text for delta in run), logprobs))
-        run.clear()
-
-    for event in events:
-        if isinstance(event, TextDelta) and not event.tool_calls:
-            run.append(event)
-        else:
-            flush()
-            merged.append(event)
-    flush()
-    return merged
-
-
 def whole_answer(body: bytes, state: StreamState) -> list[EngineEvent]:
     try:
         obj = json_loads(body)

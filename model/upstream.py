@@ -5,7 +5,7 @@ connections per route (`model.http1`, created at start; why not httpx or aiohttp
 class). A streaming request goes up with `stream: true` and `stream_options.include_usage`;
 the SSE bytes are parsed incrementally and each content delta is yielded as soon as its event
 is complete (nothing is re-buffered), then one `Finished`. The deltas of one read are merged
-(`coalesce_deltas`): when the upstream outruns the gateway, the output guards and the client
+(`coalesce_deltas` here): when the upstream outruns the gateway, the output guards and the client
 see one piece per read instead of one per token, the same text a little sooner.
 A non-streaming request goes up
 with `stream: false` (the gateway needs the whole answer before its output guards anyway): one
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from model.engine import Engine, EngineEvent, EngineInfo, EngineRequest
+from model.engine import Engine, EngineEvent, EngineInfo, EngineRequest, TextDelta
 from model.errors import (
     ConnectTimeout,
     HTTPError,
@@ -52,7 +52,6 @@ from model.openai_wire import (
     SSEParser,
     StreamState,
     build_messages,
-    coalesce_deltas,
     finished,
     json_bytes,
     sampling_fields,
@@ -280,3 +279,31 @@ def _transport_error(exc: BaseException, what: str) -> UpstreamError:
     if isinstance(exc, TimeoutError):
         return UpstreamTimeout("The upstream call exceeded its total timeout.")
     return UpstreamUnavailable(f"{what}: {exc}")
+
+
+def coalesce_deltas(events: list[EngineEvent]) -> list[EngineEvent]:
+    """The events of one read from the upstream, adjacent text deltas merged into one (their
+    logprobs in order; tool-call deltas never merged). They arrived together, so none is sent
+    later; an upstream that outruns the gateway (a token per event) then costs one trip through
+    the output guards and one chunk to the client per read, not per token."""
+    if len(events) < 2:
+        return events
+    merged: list[EngineEvent] = []
+    run: list[TextDelta] = []  # adjacent plain text deltas not yet merged
+
+    def flush() -> None:
+        if len(run) == 1:
+            merged.append(run[0])
+        elif run:
+            logprobs = tuple(entry for delta in run for entry in delta.logprobs)
+            merged.append(TextDelta("".join(delta.text for delta in run), logprobs))
+        run.clear()
+
+    for event in events:
+        if isinstance(event, TextDelta) and not event.tool_calls:
+            run.append(event)
+        else:
+            flush()
+            merged.append(event)
+    flush()
+    return merged

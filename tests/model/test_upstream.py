@@ -36,8 +36,8 @@ from model.engine import (
     TopLogprob,
 )
 from model.errors import UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
-from model.openai_wire import SSEParser, coalesce_deltas, estimate_prompt_tokens
-from model.upstream import OpenAIUpstreamEngine, UpstreamConfig
+from model.openai_wire import SSEParser, estimate_prompt_tokens
+from model.upstream import OpenAIUpstreamEngine, UpstreamConfig, coalesce_deltas
 
 WORDS = ["Hel", "lo", " world"]
 Send = Any
