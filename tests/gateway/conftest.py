@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -19,6 +23,8 @@ import redis.asyncio as aioredis
 import tests.conftest
 from gateway.keys import ApiKey, KeyStore
 from gateway.redis_conn import make_client
+from gateway.settings import Settings
+from tests.conftest import LiveServer, wait_until_ready
 
 REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", tests.conftest.REDIS_URL)
 SECRET = b"test-secret-0123456789abcdef"
@@ -33,6 +39,26 @@ def _redis_up() -> bool:
 
 
 requires_redis = pytest.mark.skipif(not _redis_up(), reason="needs Redis at 127.0.0.1:6379")
+
+PROJECT_POLICIES = Path(__file__).resolve().parents[2] / "policies"
+
+
+def copy_project_policies(target: Path) -> Path:
+    """The shipped policies copied into `target`: tests that save, add or watch policies work on
+    the copy, never on the project's own directory."""
+    for path in PROJECT_POLICIES.glob("*.yaml"):
+        shutil.copy(path, target / path.name)
+    return target
+
+
+@contextmanager
+def live_gateway(settings: Settings, **changes: Any) -> Iterator[LiveServer]:
+    """The app over `settings` (with `changes`), served on a free port, once it is ready."""
+    from gateway.app import create_app
+
+    with LiveServer(create_app(settings.model_copy(update=changes))) as live:
+        wait_until_ready(live.base_url)
+        yield live
 
 
 @pytest_asyncio.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,36 +14,27 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import AUTH, TEST_ADMIN_TOKEN, LiveServer, wait_until_ready
-from tests.gateway.conftest import requires_redis
+from tests.conftest import AUTH, TEST_ADMIN_TOKEN
+from tests.gateway.conftest import copy_project_policies, live_gateway, requires_redis
 
 pytestmark = requires_redis
 
 ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
-PROJECT_POLICIES = Path(__file__).resolve().parents[2] / "policies"
 CANARY = "GATEWAY-CANARY-BLOCK"
 MODEL = "meta-llama/llama-3.2-11b-vision-instruct"
 
 
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    target = tmp_path_factory.mktemp("policies")
-    for path in PROJECT_POLICIES.glob("*.yaml"):
-        shutil.copy(path, target / path.name)
-    return target
+    return copy_project_policies(tmp_path_factory.mktemp("policies"))
 
 
 @pytest.fixture(scope="module")
 def server(
     gateway_settings: Any, policy_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    from gateway.app import create_app
-
-    settings = gateway_settings.model_copy(
-        update={"policy_dir": policy_dir, "state_dir": tmp_path_factory.mktemp("state")}
-    )
-    with LiveServer(create_app(settings)) as live:
-        wait_until_ready(live.base_url)
+    state_dir = tmp_path_factory.mktemp("state")
+    with live_gateway(gateway_settings, policy_dir=policy_dir, state_dir=state_dir) as live:
         yield live.base_url
 
 
@@ -244,8 +234,7 @@ def _prompt_tokens(base: str) -> float:
 def read_only_dir(tmp_path: Path) -> Iterator[Path]:
     source_dir = tmp_path / "src"
     source_dir.mkdir()
-    for path in PROJECT_POLICIES.glob("*.yaml"):
-        shutil.copy(path, source_dir / path.name)
+    copy_project_policies(source_dir)
     mount = tmp_path / "ro"
     mount.mkdir()
     done = subprocess.run(
@@ -262,13 +251,8 @@ def read_only_dir(tmp_path: Path) -> Iterator[Path]:
 def test_read_only_directory_refuses_saves(
     gateway_settings: Any, read_only_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    from gateway.app import create_app
-
-    settings = gateway_settings.model_copy(
-        update={"policy_dir": read_only_dir, "state_dir": tmp_path_factory.mktemp("state")}
-    )
-    with LiveServer(create_app(settings)) as live:
-        wait_until_ready(live.base_url)
+    state_dir = tmp_path_factory.mktemp("state")
+    with live_gateway(gateway_settings, policy_dir=read_only_dir, state_dir=state_dir) as live:
         overview = httpx.get(live.base_url + "/admin/policies/overview", headers=ADMIN).json()
         assert overview["writable"] is False and "read-only" in overview["read_only_reason"]
         src = source(live.base_url, "default")

@@ -5,25 +5,22 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import AUTH, TEST_ADMIN_TOKEN, LiveServer, wait_until_ready
-from tests.gateway.conftest import requires_redis
+from tests.gateway.conftest import copy_project_policies, requires_redis
 from tests.gateway.processes import Server
 
 pytestmark = requires_redis
 
 MODEL = "meta-llama/llama-3.2-11b-vision-instruct"
 ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
-PROJECT_POLICIES = Path(__file__).resolve().parents[2] / "policies"
 CANARY = "GATEWAY-CANARY-BLOCK"
 # Annotates every answer (any letter), and keeps a 10-character content sample.
 WATCH_OUTPUT = """\
@@ -67,9 +64,7 @@ def chat(
 def make_server(gateway_settings: Any, tmp: pytest.TempPathFactory, **update: Any) -> LiveServer:
     from gateway.app import create_app
 
-    policies = tmp.mktemp("policies")
-    for path in PROJECT_POLICIES.glob("*.yaml"):
-        shutil.copy(path, policies / path.name)
+    policies = copy_project_policies(tmp.mktemp("policies"))
     (policies / "watch-output.yaml").write_text(WATCH_OUTPUT)
     (policies / "input-only.yaml").write_text(INPUT_ONLY)
     (policies / "failing-output.yaml").write_text(FAILING_OUTPUT)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,11 +13,11 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import AUTH, TEST_ADMIN_TOKEN, TEST_API_KEY, LiveServer, wait_until_ready
+from tests.conftest import AUTH, TEST_ADMIN_TOKEN, TEST_API_KEY, LiveServer
+from tests.gateway.conftest import copy_project_policies, live_gateway
 
 MODEL = "meta-llama/llama-3.2-11b-vision-instruct"
 ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
-PROJECT_POLICIES = Path(__file__).resolve().parents[2] / "policies"
 PROMPT = [{"role": "user", "content": "Long answer please"}]  # greedy: runs to max_tokens
 
 OUTPUT_POLICY = """\
@@ -39,23 +38,15 @@ streaming:
 
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    target = tmp_path_factory.mktemp("policies")
-    for path in PROJECT_POLICIES.glob("*.yaml"):
-        shutil.copy(path, target / path.name)
-    return target
+    return copy_project_policies(tmp_path_factory.mktemp("policies"))
 
 
 @pytest.fixture(scope="module")
 def server(
     gateway_settings: Any, policy_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
-    from gateway.app import create_app
-
-    settings = gateway_settings.model_copy(
-        update={"policy_dir": policy_dir, "state_dir": tmp_path_factory.mktemp("state")}
-    )
-    with LiveServer(create_app(settings)) as live:
-        wait_until_ready(live.base_url)
+    state_dir = tmp_path_factory.mktemp("state")
+    with live_gateway(gateway_settings, policy_dir=policy_dir, state_dir=state_dir) as live:
         yield live
 
 

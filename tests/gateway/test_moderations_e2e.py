@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,11 +17,11 @@ import pytest
 from PIL import Image
 
 from guards.omni_categories import OMNI_CATEGORIES
-from tests.conftest import AUTH, TEST_ADMIN_TOKEN, TEST_API_KEY, LiveServer, wait_until_ready
+from tests.conftest import AUTH, TEST_ADMIN_TOKEN, TEST_API_KEY, LiveServer
+from tests.gateway.conftest import copy_project_policies, live_gateway
 
 MODEL = "meta-llama/llama-3.2-11b-vision-instruct"
 ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
-PROJECT_POLICIES = Path(__file__).resolve().parents[2] / "policies"
 HARM = ("hate", "self_harm", "sexual", "violence")
 
 
@@ -34,27 +33,17 @@ def png_data_url(size: tuple[int, int] = (64, 48)) -> str:
 
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    target = tmp_path_factory.mktemp("policies")
-    for path in PROJECT_POLICIES.glob("*.yaml"):
-        shutil.copy(path, target / path.name)
-    return target
+    return copy_project_policies(tmp_path_factory.mktemp("policies"))
 
 
 @pytest.fixture(scope="module")
 def server(
     gateway_settings: Any, policy_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
-    from gateway.app import create_app
-
-    settings = gateway_settings.model_copy(
-        update={
-            "policy_dir": policy_dir,
-            "state_dir": tmp_path_factory.mktemp("state"),
-            "moderation_max_inputs": 8,
-        }
-    )
-    with LiveServer(create_app(settings)) as live:
-        wait_until_ready(live.base_url)
+    state_dir = tmp_path_factory.mktemp("state")
+    with live_gateway(
+        gateway_settings, policy_dir=policy_dir, state_dir=state_dir, moderation_max_inputs=8
+    ) as live:
         yield live
 
 

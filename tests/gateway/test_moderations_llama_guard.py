@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,10 +25,10 @@ from testkit.tiny_guard_models import (
     rig_llama_guard_chain,
 )
 from tests.conftest import TEST_ADMIN_TOKEN, TEST_API_KEY, LiveServer, wait_until_ready
+from tests.gateway.conftest import copy_project_policies
 
 MODEL = "meta-llama/llama-3.2-11b-vision-instruct"
 ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
-PROJECT_POLICIES = Path(__file__).resolve().parents[2] / "policies"
 HARM = ("hate", "self_harm", "sexual", "violence")
 
 
@@ -56,9 +55,7 @@ def app_and_server(
 ) -> Iterator[tuple[Any, LiveServer]]:
     from gateway.app import create_app
 
-    policies = tmp_path_factory.mktemp("policies")
-    for path in PROJECT_POLICIES.glob("*.yaml"):
-        shutil.copy(path, policies / path.name)
+    policies = copy_project_policies(tmp_path_factory.mktemp("policies"))
     settings = gateway_settings.model_copy(
         update={
             "policy_dir": policies,

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import secrets
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,10 +14,10 @@ import pytest
 
 from gateway.settings import Settings
 from tests.conftest import REDIS_URL, TEST_ADMIN_TOKEN, TEST_API_KEY, LiveServer, wait_until_ready
+from tests.gateway.conftest import copy_project_policies
 from tests.model.test_upstream import WORDS, MockServer
 
 ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
-PROJECT_POLICIES = Path(__file__).resolve().parents[2] / "policies"
 
 ROUTES = """\
 routes:
@@ -86,8 +84,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     root = tmp_path_factory.mktemp("routes")
     policies = root / "policies"
     policies.mkdir()
-    for path in PROJECT_POLICIES.glob("*.yaml"):
-        shutil.copy(path, policies / path.name)
+    copy_project_policies(policies)
     (policies / "no-world.yaml").write_text(NO_WORLD)
     (policies / "input-only.yaml").write_text(INPUT_ONLY)
     with MockServer() as mock:

@@ -5,10 +5,8 @@ results."""
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,10 +15,10 @@ import openai
 import pytest
 
 from tests.conftest import AUTH, TEST_ADMIN_TOKEN, TEST_API_KEY, LiveServer, wait_until_ready
+from tests.gateway.conftest import copy_project_policies
 
 MODEL = "meta-llama/llama-3.2-11b-vision-instruct"
 ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
-PROJECT_POLICIES = Path(__file__).resolve().parents[2] / "policies"
 WEATHER = {
     "type": "object",
     "properties": {
@@ -70,9 +68,7 @@ streaming:
 def server(gateway_settings: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     from gateway.app import create_app
 
-    policy_dir = tmp_path_factory.mktemp("policies")
-    for path in PROJECT_POLICIES.glob("*.yaml"):
-        shutil.copy(path, policy_dir / path.name)
+    policy_dir = copy_project_policies(tmp_path_factory.mktemp("policies"))
     (policy_dir / "no-secret-args.yaml").write_text(NO_LEAK_POLICY)
     settings = gateway_settings.model_copy(
         update={"policy_dir": policy_dir, "state_dir": tmp_path_factory.mktemp("state")}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -19,8 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import AUTH, TEST_ADMIN_TOKEN, LiveServer, wait_until_ready
-from tests.gateway.conftest import requires_redis
+from tests.conftest import AUTH, TEST_ADMIN_TOKEN
+from tests.gateway.conftest import copy_project_policies, live_gateway, requires_redis
 
 CHROMIUM = "/usr/bin/chromium"
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -30,30 +29,21 @@ pytestmark = [
 ]
 
 ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
-PROJECT_POLICIES = Path(__file__).resolve().parents[2] / "policies"
 MODEL = "meta-llama/llama-3.2-11b-vision-instruct"
 NEW_TERM = "forbidden-pineapple"
 
 
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    target = tmp_path_factory.mktemp("policies")
-    for path in PROJECT_POLICIES.glob("*.yaml"):
-        shutil.copy(path, target / path.name)
-    return target
+    return copy_project_policies(tmp_path_factory.mktemp("policies"))
 
 
 @pytest.fixture(scope="module")
 def server(
     gateway_settings: Any, policy_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    from gateway.app import create_app
-
-    settings = gateway_settings.model_copy(
-        update={"policy_dir": policy_dir, "state_dir": tmp_path_factory.mktemp("state")}
-    )
-    with LiveServer(create_app(settings)) as live:
-        wait_until_ready(live.base_url)
+    state_dir = tmp_path_factory.mktemp("state")
+    with live_gateway(gateway_settings, policy_dir=policy_dir, state_dir=state_dir) as live:
         yield live.base_url
 
 
