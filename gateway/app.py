@@ -167,9 +167,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         router = ModelRouter.from_settings(settings, lambda s: engine or build_engine(s))
         # The bootstrap key (and the demo's): registered now, restored if Redis loses it.
         configured = ConfiguredKeys.from_settings(key_store, settings)
-        demo = settings.demo_mode and not settings.bootstrap_key
-        if demo:
-            configured.add("demo", await demo_key(settings), setting="the demo key")
+        demo = (
+            await demo_key(settings) if settings.demo_mode and not settings.bootstrap_key else None
+        )
+        if demo is not None:
+            configured.add("demo", demo, setting="the demo key")
         auth = AuthService.from_settings(key_store, settings, router, configured=configured)
         limiter = RateLimiter.from_settings(settings, redis_conn.client, metrics=redis_metrics)
         # In the background: the gateway starts (and readyz reports Redis) while Redis is down.
@@ -201,8 +203,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             moderations=ModerationService(settings, guards, images, router.routes[0].engine),
         )
         state.services = services
-        if demo:
-            print(demo_banner(settings, await demo_key(settings)), file=sys.stderr)
+        if demo is not None:
+            print(demo_banner(settings, demo), file=sys.stderr)
         # What start-up built (torch, transformers, the guards: hundreds of thousands of
         # objects) lives as long as the process: take it out of the cyclic collector's sight.
         # Otherwise every few thousand requests a full collection walks all of it, a stall for

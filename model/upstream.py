@@ -33,7 +33,9 @@ import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
+from typing import cast
 from urllib.parse import urlsplit
 
 from model.engine import Engine, EngineEvent, EngineInfo, EngineRequest, TextDelta
@@ -289,21 +291,16 @@ def coalesce_deltas(events: list[EngineEvent]) -> list[EngineEvent]:
     if len(events) < 2:
         return events
     merged: list[EngineEvent] = []
-    run: list[TextDelta] = []  # adjacent plain text deltas not yet merged
-
-    def flush() -> None:
-        if len(run) == 1:
-            merged.append(run[0])
-        elif run:
-            logprobs = tuple(entry for delta in run for entry in delta.logprobs)
-            merged.append(TextDelta("".join(delta.text for delta in run), logprobs))
-        run.clear()
-
-    for event in events:
-        if isinstance(event, TextDelta) and not event.tool_calls:
-            run.append(event)
+    for plain_text, group in groupby(events, _is_plain_text):
+        run = list(group)
+        if plain_text and len(run) > 1:
+            deltas = cast(list[TextDelta], run)
+            logprobs = tuple(entry for delta in deltas for entry in delta.logprobs)
+            merged.append(TextDelta("".join(delta.text for delta in deltas), logprobs))
         else:
-            flush()
-            merged.append(event)
-    flush()
+            merged.extend(run)
     return merged
+
+
+def _is_plain_text(event: EngineEvent) -> bool:
+    return isinstance(event, TextDelta) and not event.tool_calls
