@@ -81,7 +81,7 @@ class ChoiceStream:
         step: ModerationStep[Decision]
         if isinstance(event, TextDelta):
             finished = None
-            self._tokens.streamed(self.index)
+            self._tokens.streamed(self.index, event.tokens)
             self._logprobs.add(event.text, event.logprobs)
             self._tools.produced(event.text, event.tool_calls)
             if moderator is None:

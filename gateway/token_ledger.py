@@ -55,9 +55,9 @@ class TokenLedger:
             counts_placeholders=counts_placeholders,
         )
 
-    def streamed(self, choice: int) -> None:
-        """One more delta of a choice that is still generating."""
-        self.completion_per_choice[choice] += 1
+    def streamed(self, choice: int, tokens: int = 1) -> None:
+        """One more delta (of `tokens` tokens) of a choice that is still generating."""
+        self.completion_per_choice[choice] += tokens
 
     def finish(self, choice: int, finished: Finished) -> None:
         """A choice's end: the engine's counts replace what was known before."""

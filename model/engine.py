@@ -123,6 +123,9 @@ class TextDelta:
     # True when the text is tool calls in the Llama JSON format, made from an upstream's
     # structured `tool_calls` (after any content text); local models' calls are plain text.
     tool_calls: bool = False
+    # How many generated tokens this delta stands for: what a stream the client leaves early
+    # is charged (an upstream's deltas merged from one read carry their sum).
+    tokens: int = 1
 
 
 @dataclass(frozen=True)

@@ -296,7 +296,8 @@ def coalesce_deltas(events: list[EngineEvent]) -> list[EngineEvent]:
         if plain_text and len(run) > 1:
             deltas = cast(list[TextDelta], run)
             logprobs = tuple(entry for delta in deltas for entry in delta.logprobs)
-            merged.append(TextDelta("".join(delta.text for delta in deltas), logprobs))
+            text = "".join(delta.text for delta in deltas)
+            merged.append(TextDelta(text, logprobs, tokens=sum(d.tokens for d in deltas)))
         else:
             merged.extend(run)
     return merged

@@ -37,6 +37,13 @@ def test_streamed_deltas_count_until_the_engine_gives_the_exact_count() -> None:
     assert tokens.total == tokens.prompt + 6
 
 
+def test_a_merged_delta_counts_its_tokens() -> None:
+    tokens = ledger()
+    tokens.streamed(0, 3)  # an upstream's three deltas of one read, merged
+    tokens.streamed(0)
+    assert tokens.completion_per_choice == [4, 0]
+
+
 def test_an_upstreams_prompt_count_is_taken_as_it_is() -> None:
     tokens = ledger(counts_placeholders=False)
     tokens.finish(0, Finished("stop", 40, 3))

@@ -347,6 +347,7 @@ async def test_events_that_arrive_in_one_read_are_merged(mock: MockServer) -> No
     deltas = [e for e in events if isinstance(e, TextDelta)]
     assert (deltas[0].text, deltas[0].tool_calls) == ("Hello", False)
     assert [lp.token for lp in deltas[0].logprobs] == ["Hel", "lo"]
+    assert deltas[0].tokens == 2  # what a client that leaves now is charged
     assert len(deltas) == 2 and deltas[1].tool_calls and '"name": "a"' in deltas[1].text
     assert events[-1] == Finished("stop", 11, 4)  # the gateway says tool_calls
 
@@ -356,7 +357,7 @@ def test_coalesce_deltas_keeps_order_and_kinds() -> None:
     call, done = TextDelta("[call]", tool_calls=True), Finished("stop", 1, 3)
     assert coalesce_deltas([a]) == [a]
     assert coalesce_deltas([a, b, call, a, done]) == [
-        TextDelta("ab", b.logprobs),
+        TextDelta("ab", b.logprobs, tokens=2),
         call,
         a,
         done,
