@@ -176,6 +176,11 @@ class GuardPipeline:
                 plans.append(_Planned(name, guard, policy.timeout_for(name), latency))
             self._plans[stage] = plans
             self._skipped[stage] = skipped
+        # A streamed piece skips the guards that only judge whole answers: chosen once here.
+        self._piece_plans = {
+            stage: [p for p in plans if p.guard is None or not p.guard.whole_answer_only]
+            for stage, plans in self._plans.items()
+        }
         # A stage with no guard decides the same for every text: built once, shared (a
         # Decision is not changed after `decide`), its counter child looked up once.
         self._unguarded: dict[Stage, tuple[Decision, Counter]] = {}
@@ -236,9 +241,7 @@ class GuardPipeline:
             decision, counter = unguarded
             counter.inc(len(items))
             return [decision] * len(items)
-        plans = self._plans[stage]
-        if piece:
-            plans = [p for p in plans if p.guard is None or not p.guard.whole_answer_only]
+        plans = self._piece_plans[stage] if piece else self._plans[stage]
         # Every guard is started before any is waited for (they run concurrently); one that
         # finishes without waiting (the in-process guards on short texts) costs no task, no
         # timer and no turn of the event loop.
