@@ -11,16 +11,12 @@ import asyncio
 import hmac
 from collections.abc import Callable
 
-import structlog
-
 from gateway.configured_keys import ConfiguredKeys
 from gateway.errors import AuthenticationFailed, PermissionDenied
 from gateway.key_secret import read_or_create_private
 from gateway.keys import ApiKey, KeyStore, generate_key
 from gateway.model_router import ModelRouter
 from gateway.settings import Settings
-
-log = structlog.get_logger(__name__)
 
 DEMO_KEY_FILE = "demo_key"
 
@@ -32,16 +28,6 @@ async def demo_key(settings: Settings) -> str:
     return await asyncio.to_thread(
         read_or_create_private, settings.state_dir / DEMO_KEY_FILE, generate_key
     )
-
-
-async def ensure_demo_key(store: KeyStore, settings: Settings) -> str:
-    """The demo's key (`demo_key`), registered idempotently now."""
-    path = settings.state_dir / DEMO_KEY_FILE
-    plain = await demo_key(settings)
-    record, _ = await store.restore("demo", plain)
-    if record is None:
-        log.warning("the demo key was revoked; import it again to use it", path=str(path))
-    return plain
 
 
 class AuthService:

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 import structlog
 from typer.testing import CliRunner
 
-from gateway.auth import AuthService, ensure_demo_key
+from gateway.auth import AuthService, demo_key
 from gateway.configured_keys import ConfiguredKeys
 from gateway.errors import AuthenticationFailed, PermissionDenied
 from gateway.key_secret import load_key_secret
@@ -200,11 +200,21 @@ async def test_invalid_bootstrap_key_is_reported_never_registered(
     assert await store.list() == []
 
 
+async def register_demo_key(store: KeyStore, settings: Settings) -> str:
+    """What the app's lifespan does in demo mode: the key from the state directory, registered
+    with the configured keys."""
+    keys = ConfiguredKeys(store)
+    plain = await demo_key(settings)
+    keys.add("demo", plain, setting="the demo key")
+    await keys.register()
+    return plain
+
+
 async def test_demo_key_is_stable(client: aioredis.Redis, prefix: str, tmp_path: Path) -> None:
     store = store_for(client, prefix)
     settings = Settings(state_dir=tmp_path)
-    first = await ensure_demo_key(store, settings)
-    assert first == await ensure_demo_key(store_for(client, prefix), settings)  # a restart
+    first = await register_demo_key(store, settings)
+    assert first == await register_demo_key(store_for(client, prefix), settings)  # a restart
     assert stat.S_IMODE((tmp_path / "demo_key").stat().st_mode) == 0o600
     key = await store.lookup(first)
     assert key is not None and key.name == "demo" and len(await store.list()) == 1
